@@ -1,0 +1,106 @@
+"""The adapter interface and the plain values that flow through it.
+
+An adapter translates; it does no I/O. ``build_request`` turns an OpenAI-shaped request into the provider's HTTP
+request, ``parse_response`` turns the provider's answer into OpenAI's shape, and ``parse_error`` decides whose fault
+a failure is (the client's: no failover; the channel's: fail over).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from channels import http
+from channels.http import UpstreamRequest, UpstreamResponse
+from gateway.errors import (
+    ContentPolicyViolation,
+    GatewayError,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+)
+from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+
+
+@dataclass(frozen=True)
+class ChannelTarget:
+    """One upstream channel as adapters see it: no ORM row, no settings."""
+
+    id: int
+    name: str
+    kind: str
+    base_url: str
+    api_key: str
+    config: Any
+    model_map: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    weight: int = 1
+    priority: int = 0
+
+    def provider_model(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+
+def retry_after(resp: UpstreamResponse) -> int | None:
+    value = resp.headers.get("retry-after", "")
+    return int(float(value)) if value.replace(".", "", 1).isdigit() else None
+
+
+class Adapter:
+    """Base of all adapters. Subclasses set ``Config`` and implement the three translation methods."""
+
+    needs_base_url: ClassVar[bool] = True
+    # How a request travels. Only the placeholder, which has no provider to call, replaces it.
+    transport = staticmethod(http.send)
+
+    @staticmethod
+    def parse_config(raw: JSONDict) -> Any:
+        """Check a channel's per-type config; return a frozen value. Raises ``ValueError`` with a readable message."""
+        if raw:
+            raise ValueError(f"this channel type takes no config, got keys: {', '.join(sorted(raw))}")
+        return None
+
+    def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
+        """The provider request for ``req`` on ``target``. Raises ``InvalidRequest`` if it cannot be expressed."""
+        raise NotImplementedError
+
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
+        """OpenAI's shape from a 2xx answer. Raises ``UpstreamError`` (channel fault) on a malformed answer."""
+        raise NotImplementedError
+
+    def parse_error(self, resp: UpstreamResponse, target: ChannelTarget) -> GatewayError:
+        """The error for a non-2xx answer (its message is masked of secrets by the caller). The default reads
+        OpenAI's error shape."""
+        error = {}
+        try:
+            body = json.loads(resp.content)
+            error = body.get("error") if isinstance(body, dict) else {}
+            error = error if isinstance(error, dict) else {"message": str(error)}
+        except ValueError:
+            pass
+        message = str(error.get("message") or f"HTTP {resp.status}")
+        return classify(resp, message, code=error.get("code"), param=error.get("param"), kind=error.get("type"))
+
+
+REFUSAL_CODES = {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter"}
+
+
+def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: Any = None,
+             kind: Any = None) -> GatewayError:
+    """Map a provider's status and error code to the gateway's error: refusals and bad requests are the client's,
+    key rejections, rate limits and server errors are the channel's."""
+    status = resp.status
+    if code in REFUSAL_CODES or kind == "image_generation_user_error":
+        return ContentPolicyViolation(message, param=param if isinstance(param, str) else None)
+    if status in (401, 403):
+        return UpstreamError(f"The provider rejected the channel's credentials (HTTP {status}).", channel_fault=True)
+    if status == 429:
+        return RateLimited(f"The provider is rate limiting this channel (HTTP {status}).", channel_fault=True,
+                           retryable=True, retry_after=retry_after(resp))
+    if status == 408 or status >= 500:
+        return UpstreamError(f"The provider failed (HTTP {status}).", channel_fault=True, retryable=True)
+    if status in (400, 413, 415, 422):
+        return InvalidRequest(message, param=param if isinstance(param, str) else None,
+                              code=code if isinstance(code, str) else None)
+    return UpstreamError(f"The provider answered HTTP {status}.", channel_fault=True)

@@ -1,0 +1,57 @@
+"""Any OpenAI-compatible images API: Bearer key, the client's fields passed through, model name mapped."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from channels.adapters.base import Adapter, ChannelTarget, UpstreamRequest, UpstreamResponse
+from gateway.errors import UpstreamError
+from gateway.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
+
+RESPONSE_FORMATS = ("url", "b64_json")
+
+
+@dataclass(frozen=True)
+class Config:
+    # The format asked of the provider, in place of the client's, for models that take one.
+    response_format: str | None = None
+
+
+def malformed(why: str) -> UpstreamError:
+    return UpstreamError(f"The provider sent a malformed answer ({why}).", channel_fault=True, retryable=True)
+
+
+class OpenAICompatibleAdapter(Adapter):
+
+    @staticmethod
+    def parse_config(raw: JSONDict) -> Config:
+        unknown = set(raw) - {"response_format"}
+        if unknown:
+            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: response_format)")
+        fmt = raw.get("response_format")
+        if fmt is not None and fmt not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")
+        return Config(response_format=fmt)
+
+    def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
+        body = {**req.fields, "model": target.provider_model(req.model)}
+        if target.config.response_format and "response_format" in body:
+            body["response_format"] = target.config.response_format
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/images/{req.endpoint}", headers, json=body)
+
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
+        body = resp.json()
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise malformed("no data list")
+        images = []
+        for item in body["data"]:
+            if not isinstance(item, dict) or not (isinstance(item.get("b64_json"), str) or isinstance(item.get("url"), str)):
+                raise malformed("an image with neither url nor b64_json")
+            revised = item.get("revised_prompt")
+            images.append(ImageData(b64_json=item.get("b64_json"), url=item.get("url"),
+                                    revised_prompt=revised if isinstance(revised, str) else None))
+        created = body.get("created")
+        return ImagesResponse(created=created if isinstance(created, int) else int(time.time()), data=images,
+                              extra={k: body[k] for k in RESPONSE_PASSTHROUGH if k in body})

@@ -1,0 +1,33 @@
+"""Which channels to try, in which order, and when to move on. Pure logic: no ORM, no HTTP, no settings."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from itertools import groupby
+
+from channels.adapters.base import ChannelTarget
+from gateway.errors import GatewayError
+
+
+def weighted_order(targets: Sequence[ChannelTarget], rng: random.Random) -> list[ChannelTarget]:
+    """All of ``targets`` in a random order where each next pick is drawn in proportion to its weight."""
+    pool, order = list(targets), []
+    while pool:
+        pick = rng.choices(range(len(pool)), weights=[max(t.weight, 1) for t in pool])[0]
+        order.append(pool.pop(pick))
+    return order
+
+
+def plan_attempts(candidates: Sequence[ChannelTarget], *, rng: random.Random, max_attempts: int) -> list[ChannelTarget]:
+    """The channels to try, at most ``max_attempts``: highest priority first, weighted random within a priority."""
+    by_priority = sorted(candidates, key=lambda t: -t.priority)
+    plan: list[ChannelTarget] = []
+    for _priority, tier in groupby(by_priority, key=lambda t: t.priority):
+        plan.extend(weighted_order(list(tier), rng))
+    return plan[:max_attempts]
+
+
+def should_fail_over(error: GatewayError, *, attempts_left: int) -> bool:
+    """True when another channel may succeed where this one failed: the fault was the channel's, not the request's."""
+    return attempts_left > 0 and (error.channel_fault or error.retryable)

@@ -1,0 +1,149 @@
+"""Request checks driven by the model rules table (``model_rules.json``, extendable by the operator).
+
+The table is data: adding a model or changing a limit is an edit of JSON, not of this code. A model with no rule
+gets the basic checks only; fields the gateway does not know are forwarded untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from gateway.errors import InvalidRequest
+from gateway.schemas import ImageRequest, JSONDict
+
+BUILTIN_RULES = Path(__file__).with_name("model_rules.json")
+
+
+@lru_cache(maxsize=1)
+def load_table() -> JSONDict:
+    """The built-in table with the operator's file (OPENOPEN8_MODEL_RULES_FILE) merged over its models."""
+    table: JSONDict = json.loads(BUILTIN_RULES.read_text())
+    if settings.OPENOPEN8_MODEL_RULES_FILE:
+        extra = json.loads(Path(settings.OPENOPEN8_MODEL_RULES_FILE).read_text())
+        extra_models = extra.get("models", {})
+        # The operator's entries come first, so their patterns win over the built-in ones.
+        table["models"] = extra_models | {k: v for k, v in table["models"].items() if k not in extra_models}
+    return table
+
+
+def rule_for(model: str) -> JSONDict | None:
+    """The rule for a model name: an exact entry first, then the first matching pattern; ``like`` is followed."""
+    models = load_table()["models"]
+    rule = models.get(model)
+    if rule is None:
+        rule = next((r for pattern, r in models.items() if "*" in pattern and fnmatch.fnmatchcase(model, pattern)), None)
+    while rule is not None and "like" in rule:
+        rule = models[rule["like"]]
+    return rule
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def _check_int(body: JSONDict, name: str, low: int, high: int | None) -> None:
+    value = body[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"Invalid type for '{name}': expected an integer, but got {type(value).__name__}.", name, "invalid_type")
+    if value < low:
+        raise _bad(f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value}.",
+                   name, "integer_below_min_value")
+    if high is not None and value > high:
+        raise _bad(f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got {value}.",
+                   name, "integer_above_max_value")
+
+
+def _check_choice(value: Any, name: str, allowed: list[str], model: str) -> None:
+    if value not in allowed:
+        raise _bad(f"Invalid value for '{name}': {value!r}. Supported values for {model} are: "
+                   f"{', '.join(repr(a) for a in allowed)}.", name)
+
+
+def _check_field(body: JSONDict, name: str, spec: Any, model: str) -> None:
+    value = body[name]
+    if isinstance(spec, list):
+        _check_choice(value, name, spec, model)
+    elif "min" in spec:
+        _check_int(body, name, spec["min"], spec.get("max"))
+    elif spec.get("type") == "object" and not isinstance(value, dict):
+        raise _bad(f"Invalid type for '{name}': expected an object.", name, "invalid_type")
+
+
+def _check_size(size: str, rule: JSONDict, model: str) -> None:
+    if size in rule["sizes"]:
+        return
+    custom = rule.get("custom_sizes")
+    width, _, height = size.partition("x")
+    if custom and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0:
+        w, h = int(width), int(height)
+        if (w % custom["multiple"] == 0 and h % custom["multiple"] == 0 and max(w, h) <= custom["max_edge"]
+                and max(w, h) <= custom["max_ratio"] * min(w, h) and w * h <= custom["max_pixels"]):
+            return
+        raise _bad(f"Invalid size '{size}' for {model}: both sides must be multiples of {custom['multiple']}, the "
+                   f"longer side at most {custom['max_edge']} px and at most {custom['max_ratio']} times the shorter, "
+                   f"and at most {custom['max_pixels']} pixels in all.", "size")
+    raise _bad(f"Invalid size '{size}'. Supported sizes for {model} are {', '.join(rule['sizes'])}"
+               + (", or a custom WIDTHxHEIGHT." if custom else "."), "size")
+
+
+def _text(body: JSONDict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"Invalid type for '{name}': expected a string.", name, "invalid_type")
+    return value
+
+
+def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
+    """Check a client's JSON body against the rules; return the request to dispatch.
+
+    Raises ``InvalidRequest`` naming the offending field in ``param``.
+    """
+    table = load_table()
+    body = {k: v for k, v in body.items() if v is not None}
+    model = _text(body, "model")
+    if not model:
+        gpt_only = any(name in body for name in table["gpt_image_only_fields"])
+        model = table["default_gpt_image_model"] if gpt_only else table["default_model"]
+    prompt = _text(body, "prompt")
+    if not prompt:
+        raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if body.get("stream"):
+        raise _bad("Streaming image responses are not supported by this gateway; omit 'stream'.", "stream",
+                   "unsupported_parameter")
+    rule = rule_for(model)
+    limits = rule or table["basic"]
+    if limits["prompt_max"] is not None and len(prompt) > limits["prompt_max"]:
+        raise _bad(f"Invalid 'prompt': string too long. Expected a string with maximum length {limits['prompt_max']} "
+                   f"for {model}, but got a string with length {len(prompt)}.", "prompt", "string_above_max_length")
+    body.setdefault("n", 1)
+    _check_int(body, "n", 1, limits["n_max"])
+    size, quality = _text(body, "size"), _text(body, "quality")
+    response_format = _text(body, "response_format") or limits["default_response_format"]
+    _check_choice(response_format, "response_format", limits["response_formats"], model)
+    if rule is not None:
+        model_specific = {*table["gpt_image_only_fields"], "style"}
+        for name in body:
+            if name in model_specific and name not in rule["fields"]:
+                raise _bad(f"'{name}' is not supported with model '{model}'.", name, "unsupported_parameter")
+        for name, spec in rule["fields"].items():
+            if name in body:
+                _check_field(body, name, spec, model)
+        if size is not None:
+            _check_size(size, rule, model)
+        if quality is not None:
+            _check_choice(quality, "quality", rule["qualities"], model)
+        if body.get("background") == "transparent" and body.get("output_format", "png") not in rule["transparent_formats"]:
+            raise _bad("A transparent background needs output_format "
+                       f"{' or '.join(rule['transparent_formats'])}.", "background")
+        size, quality = size or rule["default_size"], quality or rule["default_quality"]
+        if not rule.get("upstream_response_format", True):
+            body.pop("response_format", None)
+    body["model"] = model
+    return ImageRequest(endpoint=endpoint, model=model, prompt=prompt, n=body["n"], size=size, quality=quality,
+                        response_format=response_format, fields=body)

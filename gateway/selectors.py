@@ -1,0 +1,37 @@
+"""Reads: which channels serve a model, and what an image costs."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+from channels.adapters.base import ChannelTarget
+from channels.models import Channel
+from gateway.models import Price
+
+log = logging.getLogger(__name__)
+
+
+def channel_targets_for(*, model: str) -> list[ChannelTarget]:
+    """Enabled channels that serve ``model`` (by name, wildcard or mapping), as adapter targets. One query."""
+    targets = []
+    for channel in Channel.objects.filter(enabled=True):
+        if not channel.serves(model):
+            continue
+        try:
+            targets.append(channel.to_target())
+        except (ValueError, KeyError) as e:
+            log.warning("channel %s skipped: its config no longer parses: %s", channel.pk, e)
+    return targets
+
+
+def price_for(*, model: str, size: str | None, quality: str | None) -> Decimal:
+    """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. One query."""
+    best, best_score = Decimal(0), -1
+    for price in Price.objects.filter(model=model):
+        if price.size not in ("", size) or price.quality not in ("", quality):
+            continue
+        score = (price.size != "") * 2 + (price.quality != "")
+        if score > best_score:
+            best, best_score = price.usd_per_image, score
+    return best

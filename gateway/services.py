@@ -1,0 +1,133 @@
+"""The request path: check, reserve, try channels in order, deliver, settle, log."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from channels import adapters
+from channels.adapters.base import ChannelTarget
+from gateway import dispatch
+from gateway.billing import budget_refund, budget_reserve
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.hosting import images_deliver
+from gateway.models import ApiToken, UsageLog, new_key, to_micros
+from gateway.rules import check_request
+from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+from gateway.selectors import channel_targets_for, price_for
+from gateway.usage import attempt_record, usage_describe, usage_fail, usage_new
+
+_rng = random.Random()
+
+
+def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayError:
+    """The client's error when every channel failed: the class follows the last fault, the message names no key,
+    host or channel."""
+    message = f"No channel could serve model '{req.model}' ({tried} tried). Last error: {last.message}"
+    if isinstance(last, UpstreamTimeout):
+        return UpstreamTimeout(message)
+    if isinstance(last, RateLimited):
+        return ServiceUnavailable(message, retry_after=last.retry_after)
+    return UpstreamError(message)
+
+
+def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str) -> tuple[ImagesResponse, int]:
+    """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
+    timeout = target.timeout or settings.OPENOPEN8_UPSTREAM_TIMEOUT
+    result, provider_ms = adapters.call(target, req, timeout=timeout)
+    if not result.data:
+        raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)
+    result = ImagesResponse(result.created, result.data[: req.n], result.extra)
+    delivered = images_deliver(result, response_format=req.response_format, files_url=files_url,
+                               ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout)
+    return delivered, provider_ms
+
+
+def _run(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, files_url: str) -> ImagesResponse:
+    plan = dispatch.plan_attempts(targets, rng=_rng, max_attempts=settings.OPENOPEN8_MAX_ATTEMPTS)
+    for index, target in enumerate(plan):
+        started = time.monotonic()
+        log.channel_id, log.provider_model = target.id, target.provider_model(req.model)
+        try:
+            result, log.provider_latency_ms = _attempt(target, req, files_url=files_url)
+        except GatewayError as error:
+            log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000),
+                                               error=error))
+            if dispatch.should_fail_over(error, attempts_left=len(plan) - index - 1):
+                continue
+            raise _all_failed(req, index + 1, error) if error.channel_fault else error
+        log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000)))
+        return result
+    raise AssertionError("unreachable: the plan is never empty")
+
+
+def image_generate(*, token: ApiToken, body: Any, endpoint: str, request_id: str, files_url: str) -> JSONDict:
+    """Serve one image request end to end; return OpenAI's response body.
+
+    Raises ``GatewayError``: ``InvalidRequest`` (400) for a failed check, ``PermissionDenied`` (403) for a model the
+    token may not use, ``ModelNotFound`` (404), ``InsufficientQuota`` (429), or the provider's mapped error. Whatever
+    happens, one usage row records it and nothing is charged for images that were not delivered.
+    """
+    started = time.monotonic()
+    log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
+    reserved = 0
+    try:
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        req = check_request(body, endpoint=endpoint)
+        usage_describe(log, req)
+        if not token.allows(req.model):
+            raise PermissionDenied(f"This API key is not allowed to use model '{req.model}'.", param="model")
+        targets = channel_targets_for(model=req.model)
+        if not targets:
+            raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.",
+                                param="model")
+        price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
+        hold = price * req.n
+        with transaction.atomic():  # the hold and the pending row commit together, or neither does
+            budget_reserve(token_id=token.pk, micros=hold)
+            log.reserved_micros = hold
+            log.save()
+        reserved = hold
+        result = _run(log, req, targets, files_url=files_url)
+        log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
+        log.status, log.http_status = UsageLog.Status.SUCCESS, 200
+        return result.to_dict()
+    except GatewayError as error:
+        usage_fail(log, error)
+        raise
+    except Exception:
+        usage_fail(log, GatewayError("Internal error."))
+        raise
+    finally:
+        log.latency_ms = int((time.monotonic() - started) * 1000)
+        log.completed_at = timezone.now()
+        with transaction.atomic():
+            budget_refund(token_id=token.pk, micros=reserved - log.cost_micros)
+            log.reserved_micros = 0
+            log.save()
+
+
+def token_create(*, name: str, budget_micros: int | None = None, allowed_models: str = "",
+                 expires_at: Any = None, token: ApiToken | None = None) -> tuple[ApiToken, str]:
+    """Create (or finish creating) a token with a new key; return it and the key, which is never shown again."""
+    key = new_key()
+    token = token or ApiToken(name=name, budget_micros=budget_micros, allowed_models=allowed_models,
+                              expires_at=expires_at)
+    token.set_key(key)
+    token.save()
+    return token, key

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from django.urls import path, re_path
+
+from gateway import views
+
+urlpatterns = [
+    path("images/generations", views.ImageGenerationApi.as_view(), name="images-generations"),
+    path("images/files/<str:name>", views.image_file, name="image-file"),
+    re_path(r"^(?P<rest>.*)$", views.unknown_api_path),
+]

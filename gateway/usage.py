@@ -1,0 +1,52 @@
+"""Usage rows and channel status: what happened to every request, for the operator."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from channels.adapters.base import ChannelTarget
+from channels.models import Channel
+from gateway.errors import GatewayError
+from gateway.models import ApiToken, UsageLog
+from gateway.schemas import ImageRequest
+
+
+def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> UsageLog:
+    """An unsaved row with what is known before the request is checked. The prompt is kept as length and hash
+    unless the operator turned prompt logging on."""
+    log = UsageLog(token=token, endpoint=endpoint, request_id=request_id)
+    fields = body if isinstance(body, dict) else {}
+    prompt = fields.get("prompt")
+    if isinstance(prompt, str):
+        log.prompt_length = len(prompt)
+        log.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        log.prompt = prompt if settings.OPENOPEN8_LOG_PROMPTS else ""
+    model = fields.get("model")
+    log.model = model[:100] if isinstance(model, str) else ""
+    return log
+
+
+def usage_describe(log: UsageLog, req: ImageRequest) -> None:
+    log.model, log.n, log.size = req.model, req.n, req.size or ""
+    log.quality, log.response_format = req.quality or "", req.response_format
+
+
+def attempt_record(target: ChannelTarget, *, latency_ms: int, error: GatewayError | None = None) -> dict[str, Any]:
+    """Update the channel's last-used, latency and last-error columns; return the attempt for the usage row."""
+    now = timezone.now()
+    if error is None:
+        Channel.objects.filter(pk=target.id).update(last_used_at=now, last_latency_ms=latency_ms, last_error="")
+        return {"channel": target.id, "name": target.name, "outcome": "ok", "latency_ms": latency_ms}
+    Channel.objects.filter(pk=target.id).update(last_used_at=now, last_latency_ms=latency_ms,
+                                                last_error=error.message[:500], last_error_at=now)
+    return {"channel": target.id, "name": target.name, "outcome": "error", "status": error.status,
+            "code": error.code, "message": error.message[:500], "latency_ms": latency_ms}
+
+
+def usage_fail(log: UsageLog, error: GatewayError) -> None:
+    log.status, log.http_status = UsageLog.Status.ERROR, error.status
+    log.error_type, log.error_code, log.error_message = error.type, error.code or "", error.message[:2000]

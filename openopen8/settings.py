@@ -1,0 +1,178 @@
+"""OpenOpen8 settings: one module, driven by environment variables prefixed ``OPENOPEN8_``.
+
+Every variable has a default that works for a local run with nothing set (SQLite and image files under
+``./data``). With debug off, the process refuses to start on the development secret key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DEV_SECRET_KEY = "openopen8-development-key-not-for-production"
+
+
+def env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: str) -> bool:
+    value = env(name, default).strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
+
+
+def envnumber(name: str, default: str, kind: type[int] | type[float] = int) -> float:
+    value = env(name, default)
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
+    if number <= 0:
+        raise ImproperlyConfigured(f"{name} must be greater than zero, not {value!r}")
+    return number
+
+
+def envsecret(name: str, default: str) -> str:
+    """Read NAME, or the contents of the file named by NAME_FILE (for mounted secrets)."""
+    path = env(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            raise ImproperlyConfigured(f"{name}_FILE points to an unreadable file: {e.strerror}") from None
+    return env(name, default)
+
+
+DEBUG = envbool("OPENOPEN8_DEBUG", "true")
+SECRET_KEY = envsecret("OPENOPEN8_SECRET_KEY", DEV_SECRET_KEY)
+if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
+    raise ImproperlyConfigured(
+        "OPENOPEN8_SECRET_KEY is not set: with OPENOPEN8_DEBUG off the development key would make every "
+        "API token hash forgeable. Set OPENOPEN8_SECRET_KEY (or OPENOPEN8_SECRET_KEY_FILE) to a long random value."
+    )
+ALLOWED_HOSTS = [h.strip() for h in env("OPENOPEN8_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+
+DATA_DIR = Path(env("OPENOPEN8_DATA_DIR", str(BASE_DIR / "data"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+# Base of the image URLs the gateway returns; empty means "the scheme and host the client used".
+OPENOPEN8_PUBLIC_URL = env("OPENOPEN8_PUBLIC_URL").rstrip("/")
+OPENOPEN8_IMAGE_TTL = int(envnumber("OPENOPEN8_IMAGE_TTL", "3600"))
+OPENOPEN8_UPSTREAM_TIMEOUT = float(envnumber("OPENOPEN8_UPSTREAM_TIMEOUT", "120", float))
+OPENOPEN8_CONNECT_TIMEOUT = float(envnumber("OPENOPEN8_CONNECT_TIMEOUT", "10", float))
+OPENOPEN8_MAX_ATTEMPTS = int(envnumber("OPENOPEN8_MAX_ATTEMPTS", "3"))
+# Largest provider answer (JSON with base64 images) and largest single image downloaded from a provider URL.
+OPENOPEN8_MAX_UPSTREAM_BYTES = int(envnumber("OPENOPEN8_MAX_UPSTREAM_BYTES", str(200 * 1024 * 1024)))
+OPENOPEN8_MAX_IMAGE_BYTES = int(envnumber("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 1024)))
+# Keep the prompt text in usage logs (off: only its length and a hash are kept).
+OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
+# A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.
+OPENOPEN8_MODEL_RULES_FILE = env("OPENOPEN8_MODEL_RULES_FILE")
+
+REDIS_URL = env("REDIS_URL")
+DATABASES = {
+    "default": dj_database_url.parse(
+        env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'openopen8.sqlite3'}"), conn_max_age=60, conn_health_checks=True
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Many request threads write to one file: wait for the lock instead of failing, take the write lock at
+    # the start of a transaction (no deadlock on upgrade), and let readers run beside the writer (WAL).
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # A file, not memory, so that a live test server's threads each get their own connection.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-openopen8.sqlite3")}
+
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "gateway",
+    # Not the PyPI "channels" package (Django Channels), which must never be installed beside this app.
+    "channels.apps.ChannelsConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "openopen8.urls"
+WSGI_APPLICATION = "openopen8.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+# Serve admin assets from the installed apps even when collectstatic has not run.
+WHITENOISE_USE_FINDERS = True
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "files"}},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "images": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "images"}},
+}
+
+# Uploads larger than this go to a temporary file instead of memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["gateway.auth.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["gateway.auth.HasApiToken"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "gateway.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("OPENOPEN8_LOG_LEVEL", "INFO")},
+}

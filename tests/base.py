@@ -1,0 +1,40 @@
+"""Shared test-case helpers: posting to the API and checking OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.test import TestCase
+from django.test.client import Client
+
+from tests.factories import make_token
+
+
+def assert_openai_error(r: Any, status: int, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The response is OpenAI's error body with this status, type, code and param; return the error object."""
+    assert r.status_code == status, (r.status_code, r.content[:500])
+    assert r["Content-Type"].startswith("application/json"), r["Content-Type"]
+    body = json.loads(r.content)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error: dict[str, Any] = body["error"]
+    assert error["type"] == type, error
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert error["message"], error
+    return error
+
+
+def post_json(client: Client, path: str, body: Any, key: str | None) -> Any:
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+    return client.post(path, data=json.dumps(body), content_type="application/json", **headers)
+
+
+class ApiTestCase(TestCase):
+    """A token ``self.key`` (unlimited budget) and ``self.generate(body)`` posting to /v1/images/generations."""
+
+    def setUp(self) -> None:
+        self.token, self.key = make_token()
+
+    def generate(self, body: Any, key: str | None = "default") -> Any:
+        return post_json(self.client, "/v1/images/generations", body, self.key if key == "default" else key)

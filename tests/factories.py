@@ -1,0 +1,61 @@
+"""Named helpers that build test data with keyword defaults."""
+
+from __future__ import annotations
+
+import base64
+import io
+from decimal import Decimal
+from typing import Any
+
+from PIL import Image
+
+from channels.models import Channel
+from gateway.models import ApiToken, Price, UsageLog, to_micros
+from gateway.services import token_create
+
+
+def make_token(*, name: str = "alice", budget: str | None = None, allowed_models: str = "",
+               **fields: Any) -> tuple[ApiToken, str]:
+    """A saved token and its plaintext key."""
+    token, key = token_create(name=name, budget_micros=None if budget is None else to_micros(Decimal(budget)),
+                              allowed_models=allowed_models)
+    if fields:
+        for attr, value in fields.items():
+            setattr(token, attr, value)
+        token.save()
+    return token, key
+
+
+def make_channel(*, base_url: str = "", kind: str = "openai", models: str = "dall-e-2,dall-e-3",
+                 api_key: str = "sk-provider-key-0001", **fields: Any) -> Channel:
+    fields.setdefault("name", f"{kind} channel")
+    return Channel.objects.create(kind=kind, base_url=base_url, served_models=models, api_key=api_key, **fields)
+
+
+def make_price(*, model: str, usd: str, size: str = "", quality: str = "") -> Price:
+    price, _ = Price.objects.update_or_create(model=model, size=size, quality=quality,
+                                              defaults={"usd_per_image": Decimal(usd)})
+    return price
+
+
+def make_usage_log(**fields: Any) -> UsageLog:
+    fields.setdefault("request_id", f"req_test_{UsageLog.objects.count()}")
+    fields.setdefault("endpoint", "generations")
+    return UsageLog.objects.create(**fields)
+
+
+def png_bytes(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def png_b64(width: int = 8, height: int = 8) -> str:
+    return base64.b64encode(png_bytes(width, height)).decode()
+
+
+def openai_images(count: int = 1, *, style: str = "b64_json", url_base: str = "", **extra: Any) -> dict[str, Any]:
+    """An OpenAI-style provider answer with ``count`` small PNGs, as base64 or as URLs under ``url_base``."""
+    data = [{"b64_json": png_b64()} if style == "b64_json" else {"url": f"{url_base}/img/{i}.png"}
+            for i in range(count)]
+    return {"created": 1700000000, "data": data, **extra}

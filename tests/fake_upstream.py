@@ -1,0 +1,140 @@
+"""A real HTTP server on 127.0.0.1 that plays an image provider: scripted answers, recorded requests.
+
+    with FakeUpstream() as up:
+        up.respond(500, {"error": {"message": "boom"}})
+        ...
+        assert up.requests[0].headers["Authorization"] == "Bearer k1"
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Body = bytes | str | dict[str, Any] | list[Any]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Scripted:
+    status: int
+    body: Body | Callable[[Recorded], Body]
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class _CaseInsensitive(dict[str, str]):
+    def __getitem__(self, key: str) -> str:
+        return next(v for k, v in self.items() if k.lower() == key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return next((v for k, v in self.items() if k.lower() == key.lower()), default)
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self._queue: list[Scripted] = []
+        self._default = Scripted(500, {"error": {"message": "nothing scripted"}})
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def respond(self, status: int, body: Body | Callable[[Recorded], Body], *, headers: dict[str, str] | None = None,
+                delay: float = 0.0) -> None:
+        """Answer every request from now on like this (after any queued answers)."""
+        self._default = Scripted(status, body, headers or {}, delay)
+
+    def queue(self, status: int, body: Body | Callable[[Recorded], Body], *, headers: dict[str, str] | None = None,
+              delay: float = 0.0) -> None:
+        """Answer the next request like this, once."""
+        self._queue.append(Scripted(status, body, headers or {}, delay))
+
+    def serve_file(self, path: str, data: bytes, content_type: str = "image/png") -> str:
+        """Serve ``data`` on GET ``path`` (as a provider's image URL); return the full URL."""
+        self.files[path] = (data, content_type)
+        return self.url + path
+
+    def __enter__(self) -> FakeUpstream:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next(self) -> Scripted:
+        with self._lock:
+            return self._queue.pop(0) if self._queue else self._default
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _record(self) -> Recorded:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                rec = Recorded(self.command, self.path, _CaseInsensitive(self.headers.items()), body)
+                with fake._lock:
+                    fake.requests.append(rec)
+                return rec
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self) -> None:
+                self._record()
+                if self.path in fake.files:
+                    data, content_type = fake.files[self.path]
+                    self._send(200, data, {"Content-Type": content_type})
+                else:
+                    self._send(404, b"not found", {"Content-Type": "text/plain"})
+
+            def do_POST(self) -> None:
+                rec = self._record()
+                script = fake._next()
+                if script.delay:
+                    time.sleep(script.delay)
+                body = script.body(rec) if callable(script.body) else script.body
+                headers = {"Content-Type": "application/json", **script.headers}
+                if isinstance(body, (dict, list)):
+                    body = json.dumps(body)
+                if isinstance(body, str):
+                    body = body.encode()
+                try:
+                    self._send(script.status, body, headers)
+                except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                    pass
+
+        return Handler
