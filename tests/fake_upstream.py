@@ -74,7 +74,7 @@ class FakeUpstream:
         return self.url + path
 
     def __enter__(self) -> FakeUpstream:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
