@@ -13,3 +13,16 @@ def images_in_tmp(settings: Any, tmp_path: Path) -> Path:
     settings.STORAGES = {**settings.STORAGES, "images": {
         "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": location}}}
     return location
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Any:
+    """Live-server request threads close their database connections just after answering; on PostgreSQL one that
+    is still closing when the run ends would stop the test database from being dropped."""
+    yield
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
