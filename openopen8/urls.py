@@ -4,6 +4,10 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+admin.site.site_header = "OpenOpen8 console"
+admin.site.site_title = "OpenOpen8"
+admin.site.index_title = "Tokens, channels, prices and usage"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),

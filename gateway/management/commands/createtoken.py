@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime, time
+from datetime import UTC, datetime, time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
 
 from gateway.models import to_micros
 from gateway.services import token_create
@@ -35,7 +34,7 @@ class Command(BaseCommand):
                 day = datetime.strptime(opts["expires"], "%Y-%m-%d").date()
             except ValueError:
                 raise CommandError(f"--expires must be YYYY-MM-DD, not {opts['expires']!r}") from None
-            expires = timezone.make_aware(datetime.combine(day, time.max), timezone.utc)
+            expires = datetime.combine(day, time.max, tzinfo=UTC)
         token, key = token_create(name=opts["name"], budget_micros=None if budget is None else to_micros(budget),
                                   allowed_models=opts["models"], expires_at=expires)
         self.stderr.write(f"Created token {token.pk} ({token.name}). Its key, shown only now:")

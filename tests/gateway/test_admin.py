@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import json
+import re
+
+from django.contrib.auth.models import User
+from django.test import TestCase
+
+from channels.models import Channel
+from gateway.models import ApiToken
+from tests.base import post_json
+from tests.factories import make_channel, make_token, make_usage_log
+
+SECRET = "sk-provider-VERY-SECRET-9876"
+
+
+class AdminTests(TestCase):
+    def setUp(self) -> None:
+        self.admin = User.objects.create_superuser("root", "root@example.com", "pw")
+        self.client.force_login(self.admin)
+
+    def test_creating_a_token_shows_its_key_once_and_the_key_works(self) -> None:
+        make_channel(kind="placeholder")
+        r = self.client.post("/admin/gateway/apitoken/add/", {"name": "ci-bot", "enabled": "on", "budget": "2.50",
+                                                                "allowed_models": "dall-e-2"})
+        self.assertEqual(r.status_code, 200)
+        key = re.search(r'id="new-api-key"[^>]*>(sk-[A-Za-z0-9_-]+)<', r.content.decode()).group(1)
+        token = ApiToken.objects.get(name="ci-bot")
+        self.assertEqual((token.budget_micros, token.allowed_models), (2_500_000, "dall-e-2"))
+        api = post_json(self.client, "/v1/images/generations", {"model": "dall-e-2", "prompt": "a", "size": "256x256"},
+                        key)
+        self.assertEqual(api.status_code, 200)
+        for page in ("/admin/gateway/apitoken/", f"/admin/gateway/apitoken/{token.pk}/change/"):
+            html = self.client.get(page).content.decode()
+            self.assertNotIn(key, html)
+            self.assertIn(f"sk-{token.key_prefix}", html)
+
+    def test_the_token_list_shows_budget_spent_and_last_use(self) -> None:
+        make_token(name="team-a", budget="10")
+        html = self.client.get("/admin/gateway/apitoken/").content.decode()
+        self.assertIn("team-a", html)
+        self.assertIn("10.0000", html)
+        self.assertIn("Spent (USD)", html)
+        self.assertIn("OpenOpen8", html)
+
+    def test_a_tokens_budget_can_be_changed_without_touching_its_key(self) -> None:
+        token, key = make_token(name="team-b", budget="1")
+        r = self.client.post(f"/admin/gateway/apitoken/{token.pk}/change/", {"name": "team-b", "enabled": "on",
+                                                                              "budget": "", "allowed_models": ""})
+        self.assertEqual(r.status_code, 302)
+        token.refresh_from_db()
+        self.assertIsNone(token.budget_micros)
+        self.assertTrue(token.matches(key))
+
+    def test_token_actions_disable_and_enable(self) -> None:
+        token, _ = make_token()
+        self.client.post("/admin/gateway/apitoken/", {"action": "disable", "_selected_action": [token.pk]})
+        self.assertFalse(ApiToken.objects.get(pk=token.pk).enabled)
+        self.client.post("/admin/gateway/apitoken/", {"action": "enable", "_selected_action": [token.pk]})
+        self.assertTrue(ApiToken.objects.get(pk=token.pk).enabled)
+
+    def channel_form(self, **overrides: object) -> dict[str, object]:
+        form = {"name": "openai-main", "kind": "openai", "base_url": "https://api.example.com/v1",
+                "api_key": SECRET, "served_models": "dall-e-2, dall-e-3", "model_map": "{}", "priority": 0,
+                "weight": 1, "enabled": "on", "timeout": "", "config": "{}"}
+        form.update(overrides)
+        return form
+
+    def test_a_channel_key_is_masked_everywhere_and_kept_when_left_empty(self) -> None:
+        r = self.client.post("/admin/channels/channel/add/", self.channel_form())
+        self.assertEqual(r.status_code, 302, r.content[:2000])
+        channel = Channel.objects.get()
+        self.assertEqual(channel.api_key, SECRET)
+        for page in ("/admin/channels/channel/", f"/admin/channels/channel/{channel.pk}/change/"):
+            html = self.client.get(page).content.decode()
+            self.assertNotIn(SECRET, html)
+            self.assertIn("…9876", html)
+        self.client.post(f"/admin/channels/channel/{channel.pk}/change/", self.channel_form(api_key="", priority=7))
+        channel.refresh_from_db()
+        self.assertEqual((channel.api_key, channel.priority), (SECRET, 7))
+        self.client.post(f"/admin/channels/channel/{channel.pk}/change/", self.channel_form(api_key="sk-new-key-1234"))
+        channel.refresh_from_db()
+        self.assertEqual(channel.api_key, "sk-new-key-1234")
+
+    def test_a_channel_with_a_bad_config_cannot_be_saved(self) -> None:
+        r = self.client.post("/admin/channels/channel/add/",
+                             self.channel_form(kind="sd-webui", config=json.dumps({"steps": "lots"})))
+        self.assertEqual(r.status_code, 200)
+        self.assertIn("steps has the wrong type", r.content.decode())
+        r = self.client.post("/admin/channels/channel/add/", self.channel_form(config=json.dumps({"nope": 1})))
+        self.assertIn("unknown keys: nope", r.content.decode())
+        r = self.client.post("/admin/channels/channel/add/", self.channel_form(base_url="ftp://x"))
+        self.assertIn("http(s) URL", r.content.decode())
+        self.assertFalse(Channel.objects.exists())
+
+    def test_channel_actions_disable_and_enable_and_the_list_shows_status(self) -> None:
+        channel = make_channel(base_url="http://127.0.0.1:9", last_error="The provider failed (HTTP 500).")
+        html = self.client.get("/admin/channels/channel/").content.decode()
+        self.assertIn("failing: The provider failed (HTTP 500).", html)
+        self.client.post("/admin/channels/channel/", {"action": "disable", "_selected_action": [channel.pk]})
+        self.assertFalse(Channel.objects.get(pk=channel.pk).enabled)
+        self.client.post("/admin/channels/channel/", {"action": "enable", "_selected_action": [channel.pk]})
+        self.assertTrue(Channel.objects.get(pk=channel.pk).enabled)
+
+    def test_usage_logs_are_read_only_and_filterable(self) -> None:
+        token, _ = make_token(name="filterme")
+        channel = make_channel(base_url="http://127.0.0.1:9")
+        log = make_usage_log(token=token, channel=channel, model="dall-e-3", status="error", http_status=502,
+                             error_code="upstream_error")
+        make_usage_log(model="dall-e-2", status="success")
+        listing = self.client.get("/admin/gateway/usagelog/", {"model": "dall-e-3", "status": "error",
+                                                               "token__id__exact": token.pk,
+                                                               "channel__id__exact": channel.pk})
+        self.assertEqual(listing.status_code, 200)
+        self.assertContains(listing, log.request_id)
+        self.assertNotContains(listing, "req_test_1")
+        self.assertEqual(self.client.get("/admin/gateway/usagelog/add/").status_code, 403)
+        detail = self.client.get(f"/admin/gateway/usagelog/{log.pk}/change/")
+        self.assertEqual(detail.status_code, 200)
+        self.assertNotContains(detail, 'name="_save"')
+        self.client.post(f"/admin/gateway/usagelog/{log.pk}/change/", {"model": "tampered"})
+        log.refresh_from_db()
+        self.assertEqual(log.model, "dall-e-3")
+
+    def test_prices_are_listed_with_the_dall_e_defaults(self) -> None:
+        html = self.client.get("/admin/gateway/price/").content.decode()
+        self.assertIn("dall-e-3", html)
+        self.assertIn("0.120000", html)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+from django.test import override_settings
+
+from gateway.models import ApiToken, UsageLog
+from tests.base import ApiTestCase, assert_openai_error
+from tests.factories import make_channel, make_token
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@override_settings(DEBUG=False)
+class ErrorHandlingTests(ApiTestCase):
+    def test_unknown_paths_get_openai_shaped_404s(self) -> None:
+        for path in ("/v1/unknown", "/v1/images/generations/extra", "/nowhere"):
+            with self.subTest(path=path):
+                error = assert_openai_error(self.client.get(path), 404, "invalid_request_error")
+                self.assertIn(path, error["message"])
+
+    def test_an_unexpected_failure_is_a_json_500_logged_and_refunded(self) -> None:
+        token, key = make_token(name="b", budget="1")
+        make_channel(kind="placeholder")
+        with mock.patch("gateway.services.images_deliver", autospec=True, side_effect=RuntimeError("disk on fire")):
+            r = self.generate({"model": "dall-e-3", "prompt": "a"}, key=key)
+        error = assert_openai_error(r, 500, "server_error")
+        self.assertNotIn("disk on fire", error["message"])
+        self.assertEqual(ApiToken.objects.get(pk=token.pk).spent_micros, 0)
+        log = UsageLog.objects.get()
+        self.assertEqual((log.status, log.http_status, log.reserved_micros), ("error", 500, 0))
+
+
+def settings_process(**env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENOPEN8_")}
+    return subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, text=True,
+                          capture_output=True, env={**clean, "DJANGO_SETTINGS_MODULE": "openopen8.settings", **env})
+
+
+def test_with_debug_off_it_refuses_to_start_on_the_development_secret_key(tmp_path: Path) -> None:
+    refused = settings_process(OPENOPEN8_DEBUG="false", OPENOPEN8_DATA_DIR=str(tmp_path))
+    assert refused.returncode != 0
+    assert "OPENOPEN8_SECRET_KEY" in refused.stderr
+    secret = tmp_path / "secret"
+    secret.write_text("a-long-random-production-secret-value\n")
+    assert settings_process(OPENOPEN8_DEBUG="false", OPENOPEN8_DATA_DIR=str(tmp_path),
+                            OPENOPEN8_SECRET_KEY_FILE=str(secret)).returncode == 0
+
+
+def test_bad_setting_values_are_refused_by_name(tmp_path: Path) -> None:
+    for name, value in (("OPENOPEN8_MAX_ATTEMPTS", "lots"), ("OPENOPEN8_IMAGE_TTL", "-5"), ("OPENOPEN8_DEBUG", "maybe")):
+        result = settings_process(**{name: value, "OPENOPEN8_DATA_DIR": str(tmp_path)})
+        assert result.returncode != 0 and name in result.stderr, (name, result.stderr[-300:])
