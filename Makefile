@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(or $(OPENOPEN8_DATA_DIR),data)
 SECRET_FILE := $(DATA_DIR)/secret_key
 
-.PHONY: run test install install-dev check clean
+.PHONY: run test lint install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,13 @@ run: install $(SECRET_FILE)
 	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) \
 		exec $(BIN)/gunicorn -c gunicorn.conf.py openopen8.wsgi:application
 
-test: install-dev
+test: lint
 	$(BIN)/python -m pytest
 
-check: install-dev
-	$(BIN)/python manage.py makemigrations --check --dry-run
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
 
 clean:
 	rm -rf $(VENV) .pytest_cache

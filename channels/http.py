@@ -66,13 +66,14 @@ def _read(resp: requests.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, **kwargs: object) -> tuple[requests.Response, bytes, int]:
+def _exchange(method: str, url: str, *, timeout: float, max_bytes: int,
+              **kwargs: Any) -> tuple[requests.Response, bytes, int]:
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The channel's URL is not an http(s) URL.", channel_fault=True)
     connect = min(settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
     started = time.monotonic()
     try:
-        with _session().request(method, url, timeout=(connect, timeout), stream=True, **kwargs) as resp:  # type: ignore[arg-type]
+        with _session().request(method, url, timeout=(connect, timeout), stream=True, **kwargs) as resp:
             content = _read(resp, max_bytes)
     except requests.ConnectTimeout:
         raise UpstreamTimeout(f"The provider did not accept a connection within {connect:g} s.", channel_fault=True,

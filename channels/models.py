@@ -24,9 +24,11 @@ class Channel(models.Model):
                                 help_text="For OpenAI-compatible providers, the URL ending in /v1.")
     api_key = models.CharField("API key", max_length=500, blank=True,
                                help_text="For sd-webui with --api-auth, user:password.")
-    served_models = models.TextField("models", help_text="Model names clients may ask for, comma-separated; * serves any model.")
-    model_map = models.JSONField(default=dict, blank=True,
-                                 help_text='Client model name → provider model name, e.g. {"dall-e-3": "my-deployment"}.')
+    served_models = models.TextField("models",
+                                     help_text="Model names clients may ask for, comma-separated; * serves any model.")
+    model_map = models.JSONField(
+        default=dict, blank=True,
+        help_text='Client model name → provider model name, e.g. {"dall-e-3": "my-deployment"}.')
     priority = models.IntegerField(default=0, help_text="Higher is tried first.")
     weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)],
                                          help_text="Share of traffic among channels of the same priority.")

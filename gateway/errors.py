@@ -159,7 +159,7 @@ def from_drf(exc: Exception) -> GatewayError:
     if isinstance(exc, drf.AuthenticationFailed):
         return AuthenticationError(str(exc.detail))
     if isinstance(exc, drf.Throttled):
-        return RateLimited("Rate limit reached; try again later.", retry_after=int(exc.wait or 1))
+        return RateLimited("Rate limit reached; try again later.", retry_after=int(getattr(exc, "wait", None) or 1))
     if isinstance(exc, (Http404, drf.NotFound)):
         return NotFound("Not found.")
     if isinstance(exc, drf.ParseError):

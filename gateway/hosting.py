@@ -91,7 +91,10 @@ def images_deliver(result: ImagesResponse, *, response_format: str, files_url: s
                 b64 = base64.b64encode(http.fetch(str(image.url), timeout=timeout)).decode()
             delivered.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
-            data = _decode(image.b64_json) if image.b64_json is not None else http.fetch(str(image.url), timeout=timeout)
+            if image.b64_json is not None:
+                data = _decode(image.b64_json)
+            else:
+                data = http.fetch(str(image.url), timeout=timeout)
             name = image_store(data, ttl=ttl)
             delivered.append(ImageData(url=f"{files_url}{name}", revised_prompt=image.revised_prompt))
     return ImagesResponse(created=result.created, data=delivered, extra=result.extra)

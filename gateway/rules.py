@@ -37,7 +37,8 @@ def rule_for(model: str) -> JSONDict | None:
     models = load_table()["models"]
     rule = models.get(model)
     if rule is None:
-        rule = next((r for pattern, r in models.items() if "*" in pattern and fnmatch.fnmatchcase(model, pattern)), None)
+        patterns = (r for pattern, r in models.items() if "*" in pattern and fnmatch.fnmatchcase(model, pattern))
+        rule = next(patterns, None)
     while rule is not None and "like" in rule:
         rule = models[rule["like"]]
     return rule
@@ -50,7 +51,8 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> InvalidReques
 def _check_int(body: JSONDict, name: str, low: int, high: int | None) -> None:
     value = body[name]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _bad(f"Invalid type for '{name}': expected an integer, but got {type(value).__name__}.", name, "invalid_type")
+        raise _bad(f"Invalid type for '{name}': expected an integer, but got {type(value).__name__}.", name,
+                   "invalid_type")
     if value < low:
         raise _bad(f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value}.",
                    name, "integer_below_min_value")
@@ -138,9 +140,9 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
             _check_size(size, rule, model)
         if quality is not None:
             _check_choice(quality, "quality", rule["qualities"], model)
-        if body.get("background") == "transparent" and body.get("output_format", "png") not in rule["transparent_formats"]:
-            raise _bad("A transparent background needs output_format "
-                       f"{' or '.join(rule['transparent_formats'])}.", "background")
+        formats = rule.get("transparent_formats", [])
+        if body.get("background") == "transparent" and body.get("output_format", "png") not in formats:
+            raise _bad(f"A transparent background needs output_format {' or '.join(formats)}.", "background")
         size, quality = size or rule["default_size"], quality or rule["default_quality"]
         if not rule.get("upstream_response_format", True):
             body.pop("response_format", None)

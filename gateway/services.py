@@ -69,7 +69,9 @@ def _run(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, file
                                                error=error))
             if dispatch.should_fail_over(error, attempts_left=len(plan) - index - 1):
                 continue
-            raise _all_failed(req, index + 1, error) if error.channel_fault else error
+            if error.channel_fault:
+                raise _all_failed(req, index + 1, error) from error
+            raise
         log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000)))
         return result
     raise AssertionError("unreachable: the plan is never empty")

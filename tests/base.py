@@ -11,7 +11,8 @@ from django.test.client import Client
 from tests.factories import make_token
 
 
-def assert_openai_error(r: Any, status: int, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def assert_openai_error(r: Any, status: int, type: str, code: str | None = None,
+                        param: str | None = None) -> dict[str, Any]:
     """The response is OpenAI's error body with this status, type, code and param; return the error object."""
     assert r.status_code == status, (r.status_code, r.content[:500])
     assert r["Content-Type"].startswith("application/json"), r["Content-Type"]
@@ -26,8 +27,8 @@ def assert_openai_error(r: Any, status: int, type: str, code: str | None = None,
 
 
 def post_json(client: Client, path: str, body: Any, key: str | None) -> Any:
-    headers = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
-    return client.post(path, data=json.dumps(body), content_type="application/json", **headers)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return client.post(path, data=json.dumps(body), content_type="application/json", headers=headers)
 
 
 class ApiTestCase(TestCase):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ class _CaseInsensitive(dict[str, str]):
     def __getitem__(self, key: str) -> str:
         return next(v for k, v in self.items() if k.lower() == key.lower())
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return next((v for k, v in self.items() if k.lower() == key.lower()), default)
 
 
@@ -134,7 +133,7 @@ class FakeUpstream:
                     body = body.encode()
                 try:
                     self._send(script.status, body, headers)
-                except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                except (TimeoutError, BrokenPipeError, ConnectionResetError):
                     pass
 
         return Handler

@@ -72,11 +72,11 @@ class Adapter:
     def parse_error(self, resp: UpstreamResponse, target: ChannelTarget) -> GatewayError:
         """The error for a non-2xx answer (its message is masked of secrets by the caller). The default reads
         OpenAI's error shape."""
-        error = {}
+        error: dict[str, Any] = {}
         try:
             body = json.loads(resp.content)
-            error = body.get("error") if isinstance(body, dict) else {}
-            error = error if isinstance(error, dict) else {"message": str(error)}
+            found = body.get("error") if isinstance(body, dict) else None
+            error = found if isinstance(found, dict) else {"message": str(found or "")}
         except ValueError:
             pass
         message = str(error.get("message") or f"HTTP {resp.status}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from channels.adapters.base import Adapter, ChannelTarget, UpstreamRequest, UpstreamResponse
+from channels.adapters.base import Adapter, ChannelTarget
+from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import UpstreamError
 from gateway.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
 
@@ -47,7 +48,7 @@ class OpenAICompatibleAdapter(Adapter):
             raise malformed("no data list")
         images = []
         for item in body["data"]:
-            if not isinstance(item, dict) or not (isinstance(item.get("b64_json"), str) or isinstance(item.get("url"), str)):
+            if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in ("b64_json", "url")):
                 raise malformed("an image with neither url nor b64_json")
             revised = item.get("revised_prompt")
             images.append(ImageData(b64_json=item.get("b64_json"), url=item.get("url"),

@@ -15,9 +15,10 @@ from typing import ClassVar
 
 from PIL import Image, ImageDraw, ImageFont
 
-from channels.adapters.base import ChannelTarget, UpstreamRequest, UpstreamResponse
-from channels.adapters.openai import OpenAICompatibleAdapter
+from channels.adapters.base import ChannelTarget
+from channels.adapters.openai import Config, OpenAICompatibleAdapter
 from channels.adapters.sd_webui import parse_size
+from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import InvalidRequest
 from gateway.schemas import ImageRequest, JSONDict
 
@@ -38,7 +39,8 @@ def render_png(prompt: str, width: int, height: int, index: int, count: int) -> 
     lines = textwrap.wrap(prompt, columns)[: max(1, (height - scale * 5) // int(scale * 1.3))]
     for row, line in enumerate(lines):
         draw.text((scale // 2, scale * 3 + row * int(scale * 1.3)), line, fill=(255, 255, 255), font=font)
-    draw.text((scale // 2, height - scale * 2), f"{index + 1}/{count}  {width}x{height}", fill=(230, 230, 230), font=small)
+    footer = f"{index + 1}/{count}  {width}x{height}"
+    draw.text((scale // 2, height - scale * 2), footer, fill=(230, 230, 230), font=small)
     out = io.BytesIO()
     image.save(out, "PNG", compress_level=1)
     return out.getvalue()
@@ -52,7 +54,8 @@ def render(req: UpstreamRequest, *, timeout: float) -> UpstreamResponse:
     data = [{"b64_json": base64.b64encode(render_png(body["prompt"], width, height, i, body["n"])).decode()}
             for i in range(body["n"])]
     content = json.dumps({"created": int(time.time()), "data": data}).encode()
-    return UpstreamResponse(200, {"content-type": "application/json"}, content, int((time.monotonic() - started) * 1000))
+    latency_ms = int((time.monotonic() - started) * 1000)
+    return UpstreamResponse(200, {"content-type": "application/json"}, content, latency_ms)
 
 
 class PlaceholderAdapter(OpenAICompatibleAdapter):
@@ -60,9 +63,10 @@ class PlaceholderAdapter(OpenAICompatibleAdapter):
     transport = staticmethod(render)
 
     @staticmethod
-    def parse_config(raw: JSONDict) -> None:
+    def parse_config(raw: JSONDict) -> Config:
         if raw:
             raise ValueError(f"the placeholder takes no config, got keys: {', '.join(sorted(raw))}")
+        return Config()
 
     def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
         width, height = parse_size(req.size if req.size and req.size != "auto" else "1024x1024")

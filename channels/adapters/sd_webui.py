@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, fields
+from typing import Any
 
-from channels.adapters.base import Adapter, ChannelTarget, UpstreamRequest, UpstreamResponse, classify
+from channels.adapters.base import Adapter, ChannelTarget, classify
+from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
@@ -38,8 +40,8 @@ class SDWebUIAdapter(Adapter):
         unknown = set(raw) - set(known)
         if unknown:
             raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: {', '.join(known)})")
-        checks = {"steps": int, "cfg_scale": (int, float), "sampler": str, "scheduler": str, "negative_prompt": str,
-                  "default_size": str, "quality_steps": dict}
+        checks: dict[str, Any] = {"steps": int, "cfg_scale": (int, float), "sampler": str, "scheduler": str,
+                                  "negative_prompt": str, "default_size": str, "quality_steps": dict}
         for key, value in raw.items():
             if not isinstance(value, checks[key]) or isinstance(value, bool):
                 raise ValueError(f"{key} has the wrong type")

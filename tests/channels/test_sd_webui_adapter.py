@@ -52,7 +52,7 @@ class SDWebUIAdapterTests(ApiTestCase):
         urls = [d["url"] for d in r.json()["data"]]
         self.assertEqual(len(urls), 2)
         first = self.client.get(urls[0].removeprefix("http://testserver"))
-        self.assertEqual(b"".join(first.streaming_content), png_bytes(4, 4))
+        self.assertEqual(first.getvalue(), png_bytes(4, 4))
 
     def test_it_sends_basic_auth_quality_steps_and_the_mapped_checkpoint(self) -> None:
         with FakeUpstream() as up:

@@ -24,7 +24,9 @@ class AdminTests(TestCase):
         r = self.client.post("/admin/gateway/apitoken/add/", {"name": "ci-bot", "enabled": "on", "budget": "2.50",
                                                                 "allowed_models": "dall-e-2"})
         self.assertEqual(r.status_code, 200)
-        key = re.search(r'id="new-api-key"[^>]*>(sk-[A-Za-z0-9_-]+)<', r.content.decode()).group(1)
+        shown = re.search(r'id="new-api-key"[^>]*>(sk-[A-Za-z0-9_-]+)<', r.content.decode())
+        assert shown is not None
+        key = shown.group(1)
         token = ApiToken.objects.get(name="ci-bot")
         self.assertEqual((token.budget_micros, token.allowed_models), (2_500_000, "dall-e-2"))
         api = post_json(self.client, "/v1/images/generations", {"model": "dall-e-2", "prompt": "a", "size": "256x256"},
@@ -109,8 +111,8 @@ class AdminTests(TestCase):
                              error_code="upstream_error")
         make_usage_log(model="dall-e-2", status="success")
         listing = self.client.get("/admin/gateway/usagelog/", {"model": "dall-e-3", "status": "error",
-                                                               "token__id__exact": token.pk,
-                                                               "channel__id__exact": channel.pk})
+                                                               "token__id__exact": str(token.pk),
+                                                               "channel__id__exact": str(channel.pk)})
         self.assertEqual(listing.status_code, 200)
         self.assertContains(listing, log.request_id)
         self.assertNotContains(listing, "req_test_1")

@@ -19,7 +19,7 @@ class BudgetTests(ApiTestCase):
     def test_it_charges_the_dall_e_list_price_per_image(self) -> None:
         token, key = make_token(budget="10")
         make_channel(kind="placeholder")
-        cases = [({"model": "dall-e-2", "size": "256x256", "n": 2}, 32000),
+        cases: list[tuple[dict[str, Any], int]] = [({"model": "dall-e-2", "size": "256x256", "n": 2}, 32000),
                  ({"model": "dall-e-2", "size": "512x512"}, 18000),
                  ({"model": "dall-e-2"}, 20000),
                  ({"model": "dall-e-3"}, 40000),

@@ -26,6 +26,7 @@ class OperatorCliTests(TestCase):
         token = ApiToken.objects.get(name="ci")
         self.assertTrue(token.matches(key))
         self.assertEqual((token.budget_micros, token.allowed_models), (2_500_000, "dall-e-2,dall-e-3"))
+        assert token.expires_at is not None
         self.assertEqual(token.expires_at.date().isoformat(), "2099-12-31")
 
     def test_createtoken_refuses_bad_values(self) -> None:

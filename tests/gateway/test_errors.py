@@ -52,6 +52,7 @@ def test_with_debug_off_it_refuses_to_start_on_the_development_secret_key(tmp_pa
 
 
 def test_bad_setting_values_are_refused_by_name(tmp_path: Path) -> None:
-    for name, value in (("OPENOPEN8_MAX_ATTEMPTS", "lots"), ("OPENOPEN8_IMAGE_TTL", "-5"), ("OPENOPEN8_DEBUG", "maybe")):
+    bad = (("OPENOPEN8_MAX_ATTEMPTS", "lots"), ("OPENOPEN8_IMAGE_TTL", "-5"), ("OPENOPEN8_DEBUG", "maybe"))
+    for name, value in bad:
         result = settings_process(**{name: value, "OPENOPEN8_DATA_DIR": str(tmp_path)})
         assert result.returncode != 0 and name in result.stderr, (name, result.stderr[-300:])

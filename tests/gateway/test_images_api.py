@@ -110,8 +110,8 @@ class ImagesApiTests(ApiTestCase):
             make_channel(base_url=up.url)
             with override_settings(OPENOPEN8_IMAGE_TTL=1):
                 url = self.generate({"model": "dall-e-2", "prompt": "a cat"}).json()["data"][0]["url"]
-        from unittest import mock
         import time as time_module
+        from unittest import mock
         later = time_module.time() + 2
         with mock.patch("gateway.hosting.time.time", return_value=later):
             r = self.fetch_hosted(url)
@@ -247,7 +247,9 @@ class ImagesApiTests(ApiTestCase):
         self.assertIn("0.3", error["message"])
 
     def test_malformed_provider_answers_fail_over(self) -> None:
-        for bad_body in ("<html>oops</html>", {"data": "nope"}, {"data": []}, {"data": [{"b64_json": "!!notb64"}]}):
+        bad_bodies: list[Any] = ["<html>oops</html>", {"data": "nope"}, {"data": []},
+                                 {"data": [{"b64_json": "!!notb64"}]}]
+        for bad_body in bad_bodies:
             with self.subTest(bad_body=bad_body), FakeUpstream() as bad, FakeUpstream() as good:
                 Channel.objects.all().delete()
                 bad.respond(200, bad_body)

@@ -1,3 +1,5 @@
+# The SDK types every response field as optional; these tests check the values themselves.
+# mypy: disable-error-code="union-attr,index,arg-type"
 """The official openai SDK against the gateway's live server, as client developers use it."""
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ class OpenAISdkTests(LiveServerTestCase):
 
     def setUp(self) -> None:
         self.token, self.key = make_token(budget="5")
-        self.client = openai.OpenAI(base_url=f"{self.live_server_url}/v1", api_key=self.key, max_retries=0)
+        self.sdk = openai.OpenAI(base_url=f"{self.live_server_url}/v1", api_key=self.key, max_retries=0)
 
     def test_it_generates_a_hosted_url_the_sdk_user_can_download(self) -> None:
         make_channel(kind="placeholder")
-        result = self.client.images.generate(model="dall-e-3", prompt="a lighthouse at dawn", size="1792x1024",
+        result = self.sdk.images.generate(model="dall-e-3", prompt="a lighthouse at dawn", size="1792x1024",
                                              response_format="url")
         self.assertEqual(len(result.data), 1)
         self.assertTrue(result.data[0].url.startswith(f"{self.live_server_url}/v1/images/files/"))
@@ -38,7 +40,7 @@ class OpenAISdkTests(LiveServerTestCase):
             url = up.serve_file("/out/a.png", png_bytes(5, 7))
             up.respond(200, {"created": 1700000001, "data": [{"url": url, "revised_prompt": "a red cat"}]})
             make_channel(base_url=up.url + "/v1")
-            result = self.client.images.generate(model="dall-e-3", prompt="a cat", response_format="b64_json")
+            result = self.sdk.images.generate(model="dall-e-3", prompt="a cat", response_format="b64_json")
         self.assertEqual(base64.b64decode(result.data[0].b64_json), png_bytes(5, 7))
         self.assertEqual(result.data[0].revised_prompt, "a red cat")
         self.assertEqual(result.created, 1700000001)
@@ -49,7 +51,7 @@ class OpenAISdkTests(LiveServerTestCase):
                                                     "input_tokens_details": {"text_tokens": 5, "image_tokens": 0}},
                                           output_format="webp", background="opaque", quality="high"))
             make_channel(base_url=up.url + "/v1", models="gpt-image-1.5")
-            result = self.client.images.generate(model="gpt-image-1.5", prompt="a cat", n=2, quality="high",
+            result = self.sdk.images.generate(model="gpt-image-1.5", prompt="a cat", n=2, quality="high",
                                                  output_format="webp", background="opaque", moderation="low",
                                                  output_compression=80, extra_body={"custom_knob": 3})
         sent = up.requests[0].json()
@@ -62,10 +64,10 @@ class OpenAISdkTests(LiveServerTestCase):
     def test_errors_arrive_as_the_sdks_own_exceptions(self) -> None:
         make_channel(kind="placeholder", models="dall-e-2")
         with self.assertRaises(openai.BadRequestError) as bad:
-            self.client.images.generate(model="dall-e-2", prompt="a", size="1792x1024")
+            self.sdk.images.generate(model="dall-e-2", prompt="a", size="1792x1024")
         self.assertEqual((bad.exception.code, bad.exception.param), ("invalid_value", "size"))
         with self.assertRaises(openai.NotFoundError) as missing:
-            self.client.images.generate(model="dall-e-3", prompt="a")
+            self.sdk.images.generate(model="dall-e-3", prompt="a")
         self.assertEqual(missing.exception.code, "model_not_found")
         wrong = openai.OpenAI(base_url=f"{self.live_server_url}/v1", api_key="sk-" + "z" * 40, max_retries=0)
         with self.assertRaises(openai.AuthenticationError) as denied:
@@ -84,5 +86,5 @@ class OpenAISdkTests(LiveServerTestCase):
                                        "code": "content_policy_violation"}})
             make_channel(base_url=up.url)
             with self.assertRaises(openai.BadRequestError) as refused:
-                self.client.images.generate(model="dall-e-3", prompt="forbidden")
+                self.sdk.images.generate(model="dall-e-3", prompt="forbidden")
         self.assertEqual(refused.exception.code, "content_policy_violation")
