@@ -23,6 +23,11 @@ class ErrorHandlingTests(ApiTestCase):
                 error = assert_openai_error(self.client.get(path), 404, "invalid_request_error")
                 self.assertIn(path, error["message"])
 
+    def test_the_admins_static_files_are_served_with_debug_off(self) -> None:
+        r = self.client.get("/static/admin/css/base.css")
+        self.assertEqual(r.status_code, 200)
+        self.assertIn("text/css", r["Content-Type"])
+
     def test_an_unexpected_failure_is_a_json_500_logged_and_refunded(self) -> None:
         token, key = make_token(name="b", budget="1")
         make_channel(kind="placeholder")

@@ -87,6 +87,16 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(item["revised_prompt"], "a fluffy cat")
         self.assertNotIn("url", item)
 
+    @override_settings(OPENOPEN8_MAX_IMAGE_BYTES=1000)
+    def test_a_provider_image_over_the_size_cap_is_not_downloaded_whole(self) -> None:
+        with FakeUpstream() as up:
+            url = up.serve_file("/img/big.png", png_bytes() + b"\0" * 5000)
+            up.respond(200, {"created": 1, "data": [{"url": url}]})
+            make_channel(base_url=up.url)
+            r = self.generate({"model": "dall-e-2", "prompt": "a cat", "response_format": "b64_json"})
+        error = assert_openai_error(r, 502, "server_error", "upstream_error")
+        self.assertIn("1000-byte cap", error["message"])
+
     def test_it_passes_base64_through_when_both_sides_speak_it(self) -> None:
         with FakeUpstream() as up:
             answer = openai_images(1)
