@@ -6,11 +6,10 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
-from django.db.models import QuerySet
-from django.http import HttpRequest
 from django.utils.html import format_html
 
 from channels.models import Channel
+from openopen8.admin import EnableDisableAdmin
 
 
 class ChannelForm(forms.ModelForm):
@@ -34,14 +33,13 @@ class ChannelForm(forms.ModelForm):
 
 
 @admin.register(Channel)
-class ChannelAdmin(admin.ModelAdmin):
+class ChannelAdmin(EnableDisableAdmin):
     form = ChannelForm
     list_display = ["name", "kind", "served_models", "priority", "weight", "enabled", "key", "status",
                     "last_used_at", "last_latency_ms"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "served_models", "base_url"]
     readonly_fields = ["last_error", "last_error_at", "last_used_at", "last_latency_ms", "created_at"]
-    actions = ["enable", "disable"]
 
     @admin.display(description="API key")
     def key(self, channel: Channel) -> str:
@@ -56,10 +54,3 @@ class ChannelAdmin(admin.ModelAdmin):
                                channel.last_error[:60])
         return format_html('<span style="color:#2a7d2a">{}</span>', "ok" if channel.last_used_at else "unused")
 
-    @admin.action(description="Enable selected channels")
-    def enable(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
-        self.message_user(request, f"{queryset.update(enabled=True)} channel(s) enabled.")
-
-    @admin.action(description="Disable selected channels")
-    def disable(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
-        self.message_user(request, f"{queryset.update(enabled=False)} channel(s) disabled.")

@@ -7,12 +7,12 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
-from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
 from gateway.models import ApiToken, Price, UsageLog, from_micros, to_micros
 from gateway.services import token_create
+from openopen8.admin import EnableDisableAdmin
 
 
 class ApiTokenForm(forms.ModelForm):
@@ -36,14 +36,13 @@ class ApiTokenForm(forms.ModelForm):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(EnableDisableAdmin):
     form = ApiTokenForm
     list_display = ["name", "key_display", "enabled", "budget_usd", "spent_usd", "allowed_models", "expires_at",
                     "last_used_at", "created_at"]
     list_filter = ["enabled"]
     search_fields = ["name", "key_prefix"]
     readonly_fields = ["key_display", "spent_usd", "created_at", "last_used_at"]
-    actions = ["enable", "disable"]
 
     @admin.display(description="key")
     def key_display(self, token: ApiToken) -> str:
@@ -69,14 +68,6 @@ class ApiTokenAdmin(admin.ModelAdmin):
                    "opts": self.model._meta, "title": "API key created",
                    "base_url": request.build_absolute_uri("/v1")}
         return TemplateResponse(request, "admin/gateway/apitoken/key_created.html", context)
-
-    @admin.action(description="Enable selected tokens")
-    def enable(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
-        self.message_user(request, f"{queryset.update(enabled=True)} token(s) enabled.")
-
-    @admin.action(description="Disable selected tokens")
-    def disable(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
-        self.message_user(request, f"{queryset.update(enabled=False)} token(s) disabled.")
 
 
 @admin.register(Price)

@@ -25,6 +25,14 @@ def channel_targets_for(*, model: str) -> list[ChannelTarget]:
     return targets
 
 
+def served_model_names() -> set[str]:
+    """Every model name an enabled channel lists or maps. One query."""
+    names: set[str] = set()
+    for channel in Channel.objects.filter(enabled=True):
+        names.update(channel.model_names(), channel.model_map)
+    return names
+
+
 def price_for(*, model: str, size: str | None, quality: str | None) -> Decimal:
     """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. One query."""
     best, best_score = Decimal(0), -1

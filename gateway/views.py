@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import cast
+from typing import Any, cast
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponseBase, JsonResponse
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 from rest_framework.request import Request
@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from gateway.errors import NotFound, error_response
 from gateway.hosting import image_open
 from gateway.models import ApiToken
+from gateway.selectors import served_model_names
 from gateway.services import image_generate
 
 
@@ -26,13 +27,34 @@ def files_url(request: HttpRequest) -> str:
     return f"{base}{path}"
 
 
-class ImageGenerationApi(APIView):
+class GatewayApi(APIView):
+    """Every answer, errors included, carries ``x-request-id``: the id of the request's usage row."""
+
+    request_id = ""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        self.request_id = f"req_{uuid.uuid4().hex}"
+        response = super().dispatch(request, *args, **kwargs)
+        response["x-request-id"] = self.request_id
+        return response
+
+
+class ImageGenerationApi(GatewayApi):
     def post(self, request: Request) -> Response:
-        request_id = f"req_{uuid.uuid4().hex}"
         token = cast(ApiToken, request.auth)  # HasApiToken lets no request through without one
         result = image_generate(token=token, body=request.data, endpoint="generations",
-                                request_id=request_id, files_url=files_url(request))
-        return Response(result, headers={"x-request-id": request_id})
+                                request_id=self.request_id, files_url=files_url(request))
+        return Response(result)
+
+
+class ModelListApi(GatewayApi):
+    """The models this key can use: those some enabled channel serves by name, within the key's allowed list."""
+
+    def get(self, request: Request) -> Response:
+        token = cast(ApiToken, request.auth)
+        names = sorted(name for name in served_model_names() if name != "*" and token.allows(name))
+        return Response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
 
 
 @require_GET

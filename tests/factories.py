@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from decimal import Decimal
+from importlib import import_module
 from typing import Any
 
 from PIL import Image
@@ -36,6 +37,12 @@ def make_price(*, model: str, usd: str, size: str = "", quality: str = "") -> Pr
     price, _ = Price.objects.update_or_create(model=model, size=size, quality=quality,
                                               defaults={"usd_per_image": Decimal(usd)})
     return price
+
+
+def restore_default_prices() -> None:
+    """The prices the migrations install; transactional test cases empty every table after each test."""
+    for model, size, quality, usd in import_module("gateway.migrations.0002_default_prices").DEFAULT_PRICES:
+        make_price(model=model, size=size, quality=quality, usd=usd)
 
 
 def make_usage_log(**fields: Any) -> UsageLog:

@@ -8,7 +8,7 @@ from django.test import LiveServerTestCase
 
 from gateway.models import ApiToken, UsageLog
 from tests.base import ApiTestCase, assert_openai_error
-from tests.factories import make_channel, make_price, make_token, openai_images
+from tests.factories import make_channel, make_price, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream
 
 
@@ -85,10 +85,8 @@ class BudgetTests(ApiTestCase):
 
 
 class ConcurrentBudgetTests(LiveServerTestCase):
-    # Keep the default prices the migrations installed: a transactional test case empties every table after it.
-    serialized_rollback = True
-
     def test_a_budget_for_five_images_yields_exactly_five_under_24_concurrent_requests(self) -> None:
+        restore_default_prices()
         token, key = make_token(budget="0.08")  # dall-e-2 256x256 costs 0.016: exactly five images
         results: list[Any] = []
         with FakeUpstream() as up:

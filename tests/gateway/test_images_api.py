@@ -4,13 +4,14 @@ import base64
 import json
 from typing import Any
 
-from django.test import override_settings
+from django.db import connection
+from django.test import TransactionTestCase, override_settings
 
 from channels.models import Channel
 from gateway.models import ApiToken, UsageLog
-from tests.base import ApiTestCase, assert_openai_error
-from tests.factories import make_channel, make_price, openai_images, png_bytes
-from tests.fake_upstream import FakeUpstream
+from tests.base import ApiTestCase, assert_openai_error, post_json
+from tests.factories import make_channel, make_price, make_token, openai_images, png_bytes, restore_default_prices
+from tests.fake_upstream import FakeUpstream, Recorded
 
 PROVIDER_KEY = "sk-provider-SECRET-abcdef123456"
 
@@ -313,6 +314,22 @@ class ImagesApiTests(ApiTestCase):
                              HTTP_AUTHORIZATION=f"Bearer {self.key}")
         assert_openai_error(r, 400, "invalid_request_error")
 
+    def test_an_error_answer_carries_the_request_id_of_its_usage_row(self) -> None:
+        make_channel(kind="placeholder")
+        r = self.generate({"model": "dall-e-2", "prompt": "a", "size": "7x7"})
+        self.assertEqual(r.status_code, 400)
+        self.assertEqual(r["x-request-id"], UsageLog.objects.get().request_id)
+
+    def test_the_model_list_shows_what_this_key_can_use(self) -> None:
+        make_channel(kind="placeholder", models="dall-e-2,dall-e-3,*", model_map={"flux": "flux-dev"})
+        make_channel(kind="placeholder", models="sdxl", enabled=False)
+        r = self.client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {self.key}")
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["dall-e-2", "dall-e-3", "flux"])
+        _limited, key = make_token(name="limited", allowed_models="dall-e-3")
+        r = self.client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}")
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["dall-e-3"])
+        assert_openai_error(self.client.get("/v1/models"), 401, "invalid_request_error", "invalid_api_key")
+
     def test_wrong_method_and_unknown_paths_are_json(self) -> None:
         r = self.client.get("/v1/images/generations", HTTP_AUTHORIZATION=f"Bearer {self.key}")
         self.assertEqual(r.status_code, 405)
@@ -321,6 +338,29 @@ class ImagesApiTests(ApiTestCase):
 
 
 def make_token_with_budget(budget: str) -> tuple[ApiToken, str]:
-    from tests.factories import make_token
-
     return make_token(name="budgeted", budget=budget)
+
+
+class PendingRowTests(TransactionTestCase):
+    def test_the_usage_row_and_the_budget_hold_exist_before_the_provider_is_called(self) -> None:
+        restore_default_prices()
+        token, key = make_token(budget="1")
+        seen: list[tuple[str, int, int]] = []
+
+        def provider(request: Recorded) -> dict[str, Any]:
+            # Runs in the fake provider's thread, on its own database connection: it sees only committed rows.
+            try:
+                log = UsageLog.objects.get()
+                seen.append((log.status, log.reserved_micros, ApiToken.objects.get(pk=token.pk).spent_micros))
+            finally:
+                connection.close()
+            return openai_images(2)
+
+        with FakeUpstream() as up:
+            up.respond(200, provider)
+            make_channel(base_url=up.url)
+            r = post_json(self.client, "/v1/images/generations", {"model": "dall-e-2", "prompt": "a", "n": 2}, key)
+        self.assertEqual(r.status_code, 200)
+        self.assertEqual(seen, [("pending", 40000, 40000)])
+        log = UsageLog.objects.get()
+        self.assertEqual((log.status, log.reserved_micros, log.cost_micros), ("success", 0, 40000))

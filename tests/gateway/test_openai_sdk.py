@@ -12,15 +12,13 @@ import requests
 from django.test import LiveServerTestCase
 from PIL import Image
 
-from tests.factories import make_channel, make_token, openai_images, png_bytes
+from tests.factories import make_channel, make_token, openai_images, png_bytes, restore_default_prices
 from tests.fake_upstream import FakeUpstream
 
 
 class OpenAISdkTests(LiveServerTestCase):
-    # Keep the default prices the migrations installed: a transactional test case empties every table after it.
-    serialized_rollback = True
-
     def setUp(self) -> None:
+        restore_default_prices()
         self.token, self.key = make_token(budget="5")
         self.sdk = openai.OpenAI(base_url=f"{self.live_server_url}/v1", api_key=self.key, max_retries=0)
 
@@ -34,6 +32,10 @@ class OpenAISdkTests(LiveServerTestCase):
         self.assertEqual(image.headers["Content-Type"], "image/png")
         self.assertEqual(Image.open(io.BytesIO(image.content)).size, (1792, 1024))
         self.assertTrue(result._request_id and result._request_id.startswith("req_"))
+
+    def test_the_sdk_lists_the_models_it_can_use(self) -> None:
+        make_channel(kind="placeholder", models="dall-e-2,dall-e-3")
+        self.assertEqual(sorted(m.id for m in self.sdk.models.list()), ["dall-e-2", "dall-e-3"])
 
     def test_it_returns_base64_from_a_provider_that_answers_with_urls(self) -> None:
         with FakeUpstream() as up:

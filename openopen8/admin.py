@@ -1,0 +1,27 @@
+"""Admin pieces shared by the gateway's and the channels' consoles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+
+class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """A model admin with ``enable``/``disable`` bulk actions, for a model with an ``enabled`` field."""
+
+    actions = ["enable", "disable"]
+
+    def _set_enabled(self, request: HttpRequest, queryset: QuerySet[Any], enabled: bool) -> None:
+        count, noun = queryset.update(enabled=enabled), queryset.model._meta.verbose_name_plural
+        self.message_user(request, f"{count} {noun} {'enabled' if enabled else 'disabled'}.")
+
+    @admin.action(description="Enable selected %(verbose_name_plural)s")
+    def enable(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        self._set_enabled(request, queryset, True)
+
+    @admin.action(description="Disable selected %(verbose_name_plural)s")
+    def disable(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        self._set_enabled(request, queryset, False)
