@@ -8,7 +8,7 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponseBase, JsonResponse
 from django.urls import reverse
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -57,7 +57,7 @@ class ModelListApi(GatewayApi):
             {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
 
 
-@require_GET
+@require_safe
 def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     """A hosted image, with its content type, until its URL expires. The unguessable name is the credential."""
     try:
