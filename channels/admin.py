@@ -18,8 +18,8 @@ class ChannelForm(forms.ModelForm):
 
     class Meta:
         model = Channel
-        fields = ["name", "kind", "base_url", "api_key", "served_models", "model_map", "priority", "weight",
-                  "enabled", "timeout", "config"]
+        fields = ["name", "kind", "base_url", "api_key", "served_models", "model_map", "endpoints", "priority",
+                  "weight", "enabled", "timeout", "config"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -35,7 +35,7 @@ class ChannelForm(forms.ModelForm):
 @admin.register(Channel)
 class ChannelAdmin(EnableDisableAdmin):
     form = ChannelForm
-    list_display = ["name", "kind", "served_models", "priority", "weight", "enabled", "key", "status",
+    list_display = ["name", "kind", "served_models", "endpoints", "priority", "weight", "enabled", "key", "status",
                     "last_used_at", "last_latency_ms"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "served_models", "base_url"]

@@ -3,26 +3,48 @@ becomes a ``GatewayError`` with a human message that names no host, key or inter
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
+import socket
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import requests
 from django.conf import settings
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.schemas import JSONDict
 
 
 @dataclass(frozen=True)
+class UploadPart:
+    """A file sent in a multipart body, read from its (seekable, local) file as the body streams out."""
+
+    field: str
+    filename: str
+    file: IO[bytes]
+    content_type: str
+
+
+@dataclass(frozen=True)
 class UpstreamRequest:
+    """A provider request: a JSON body, or a multipart body of ``form`` fields and ``files``."""
+
     method: str
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     json: JSONDict | None = None
     auth: tuple[str, str] | None = None
+    form: dict[str, str] | None = None
+    files: tuple[UploadPart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,40 +63,131 @@ class UpstreamResponse:
                                 retryable=True) from None
 
 
+class MultipartBody:
+    """A multipart/form-data body that streams its files from disk, with its length known up front, so an upload
+    is never held whole in memory on its way to a provider."""
+
+    def __init__(self, form: dict[str, str], files: tuple[UploadPart, ...]) -> None:
+        self.boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        self._parts: list[bytes | UploadPart] = []
+        for name, value in form.items():
+            self._parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{_quote(name)}"'
+                               f"\r\n\r\n{value}\r\n".encode())
+        for part in files:
+            self._parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{_quote(part.field)}"; '
+                               f'filename="{_quote(part.filename)}"\r\nContent-Type: {part.content_type}\r\n\r\n'
+                               .encode())
+            self._parts.extend([part, b"\r\n"])
+        self._parts.append(f"--{self.boundary}--\r\n".encode())
+
+    def __len__(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.file.seek(0, io.SEEK_END) for p in self._parts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part in self._parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            part.file.seek(0)
+            while chunk := part.file.read(CHUNK):
+                yield chunk
+
+
+def _quote(name: str) -> str:
+    return name.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+class BlockedAddress(Exception):
+    """A fetch reached an address the operator has not allowed (private, loopback, link-local, ...)."""
+
+
+def _check_peer(sock: socket.socket) -> None:
+    address = ipaddress.ip_address(sock.getpeername()[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if not address.is_global and not settings.OPENOPEN8_ALLOW_PRIVATE_URLS:
+        sock.close()
+        raise BlockedAddress(str(address))
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    # The check runs on the socket actually connected, so a name that resolves differently later cannot slip by.
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _check_peer(sock)
+        return sock
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _check_peer(sock)
+        return sock
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 _local = threading.local()
 CHUNK = 256 * 1024
 
 
-def _session() -> requests.Session:
-    # One pooled session per thread: connections to a provider are reused across requests.
-    session = getattr(_local, "session", None)
+def _session(guarded: bool = False) -> requests.Session:
+    # One pooled session per thread (and kind): connections to a provider are reused across requests. The guarded
+    # one, for image URLs, refuses addresses the operator has not allowed and ignores proxy settings.
+    name = "guarded" if guarded else "session"
+    session: requests.Session | None = getattr(_local, name, None)
     if session is None:
-        session = _local.session = requests.Session()
+        session = requests.Session()
+        if guarded:
+            session.trust_env = False
+            session.max_redirects = 3
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, _GuardedAdapter())
+        setattr(_local, name, session)
     return session
 
 
-def _read(resp: requests.Response, max_bytes: int) -> bytes:
+def _read(resp: requests.Response, max_bytes: int, into: IO[bytes]) -> None:
     declared = resp.headers.get("content-length", "")
+    too_big = UpstreamError(f"The answer is larger than the {max_bytes}-byte cap.", channel_fault=True)
     if declared.isdigit() and int(declared) > max_bytes:
-        raise UpstreamError(f"The provider's answer is larger than the {max_bytes}-byte cap.", channel_fault=True)
-    chunks, size = [], 0
+        raise too_big
+    size = 0
     for chunk in resp.iter_content(CHUNK):
         size += len(chunk)
         if size > max_bytes:
-            raise UpstreamError(f"The provider's answer is larger than the {max_bytes}-byte cap.", channel_fault=True)
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise too_big
+        into.write(chunk)
 
 
-def _exchange(method: str, url: str, *, timeout: float, max_bytes: int,
-              **kwargs: Any) -> tuple[requests.Response, bytes, int]:
+def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,
+              **kwargs: Any) -> tuple[requests.Response, int]:
     if not url.startswith(("http://", "https://")):
-        raise UpstreamError("The channel's URL is not an http(s) URL.", channel_fault=True)
+        raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
     connect = min(settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
     started = time.monotonic()
     try:
-        with _session().request(method, url, timeout=(connect, timeout), stream=True, **kwargs) as resp:
-            content = _read(resp, max_bytes)
+        with _session(guarded).request(method, url, timeout=(connect, timeout), stream=True, **kwargs) as resp:
+            if resp.status_code == 200 or not guarded:
+                _read(resp, max_bytes, into)
+    except BlockedAddress as e:
+        raise UpstreamError(f"The image URL points to a private or local address ({e}), which this gateway does "
+                            "not fetch from.", channel_fault=True) from None
+    except requests.TooManyRedirects:
+        raise UpstreamError("The image URL redirects too many times.", channel_fault=True) from None
     except requests.ConnectTimeout:
         raise UpstreamTimeout(f"The provider did not accept a connection within {connect:g} s.", channel_fault=True,
                               retryable=True) from None
@@ -88,26 +201,34 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int,
         raise error(f"The provider {what}.", channel_fault=True, retryable=True) from None
     except requests.RequestException:
         raise UpstreamError("The provider's answer could not be read.", channel_fault=True, retryable=True) from None
-    return resp, content, int((time.monotonic() - started) * 1000)
+    return resp, int((time.monotonic() - started) * 1000)
 
 
 def send(req: UpstreamRequest, *, timeout: float) -> UpstreamResponse:
     """Send one provider request; return its answer whatever the status. Raises ``UpstreamTimeout`` or
     ``UpstreamError`` (channel faults) when there is no complete answer."""
-    resp, content, latency = _exchange(req.method, req.url, timeout=timeout, headers=req.headers, json=req.json,
-                                       auth=req.auth, allow_redirects=False,
-                                       max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES)
-    headers = {k.lower(): v for k, v in resp.headers.items()}
-    return UpstreamResponse(resp.status_code, headers, content, latency)
+    headers, data = dict(req.headers), None
+    if req.files or req.form:
+        data = MultipartBody(req.form or {}, req.files)
+        headers["Content-Type"] = data.content_type
+    buffer = io.BytesIO()
+    resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json=req.json, data=data,
+                              auth=req.auth, allow_redirects=False, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES,
+                              into=buffer)
+    return UpstreamResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
+                            latency)
 
 
-def fetch(url: str, *, timeout: float) -> bytes:
-    """Download an image a provider pointed to; return its bytes.
-    Raises ``UpstreamError``/``UpstreamTimeout`` (channel faults) on failure or when it exceeds the image cap."""
-    resp, content, _latency = _exchange("GET", url, timeout=timeout, max_bytes=settings.OPENOPEN8_MAX_IMAGE_BYTES)
+def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes]) -> None:
+    """Download an image URL into ``into``: http(s) only, with a timeout and a size cap, refusing private, loopback
+    and link-local addresses unless OPENOPEN8_ALLOW_PRIVATE_URLS is on.
+
+    Raises ``UpstreamError``/``UpstreamTimeout`` (marked as channel faults; callers fetching a client's URL turn them
+    into the client's error).
+    """
+    resp, _latency = _exchange("GET", url, timeout=timeout, max_bytes=max_bytes, into=into, guarded=True)
     if resp.status_code != 200:
-        raise UpstreamError(f"The provider's image could not be downloaded (HTTP {resp.status_code}).",
-                            channel_fault=True, retryable=True)
-    return content
+        raise UpstreamError(f"The image could not be downloaded (HTTP {resp.status_code}).", channel_fault=True,
+                            retryable=True)
 
 

@@ -11,6 +11,9 @@ from django.db import models
 from channels.adapters import KIND_CHOICES, get_adapter
 from channels.adapters.base import ChannelTarget
 
+ENDPOINTS = ("generations", "edits", "variations")
+ALL_ENDPOINTS = ",".join(ENDPOINTS)
+
 
 def split_names(text: str) -> list[str]:
     """Model names from a comma- or line-separated list as operators type it."""
@@ -29,6 +32,8 @@ class Channel(models.Model):
     model_map = models.JSONField(
         default=dict, blank=True,
         help_text='Client model name → provider model name, e.g. {"dall-e-3": "my-deployment"}.')
+    endpoints = models.CharField(max_length=100, default=ALL_ENDPOINTS,
+                                 help_text="What it serves, comma-separated: generations, edits, variations.")
     priority = models.IntegerField(default=0, help_text="Higher is tried first.")
     weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)],
                                          help_text="Share of traffic among channels of the same priority.")
@@ -69,6 +74,11 @@ class Channel(models.Model):
                 errors["config"] = str(e)
             if adapter.needs_base_url and not self.base_url.startswith(("http://", "https://")):
                 errors["base_url"] = "Enter the provider's http(s) URL."
+            declared = split_names(self.endpoints)
+            unknown = [e for e in declared if e not in adapter.endpoints]
+            if unknown or not declared:
+                errors["endpoints"] = (f"Choose among {', '.join(sorted(adapter.endpoints))}"
+                                       + (f"; this type cannot serve {', '.join(unknown)}." if unknown else "."))
         if not isinstance(self.model_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.model_map.items()):
             errors["model_map"] = 'Enter an object of model names, e.g. {"dall-e-3": "provider-model"}.'
@@ -79,6 +89,9 @@ class Channel(models.Model):
 
     def to_target(self) -> ChannelTarget:
         """The frozen value adapters get. Raises ``ValueError`` if the stored config no longer parses."""
+        adapter = get_adapter(self.kind)
         return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url, api_key=self.api_key,
-                             config=get_adapter(self.kind).parse_config(self.config or {}), model_map=self.model_map,
-                             timeout=self.timeout, weight=self.weight, priority=self.priority)
+                             config=adapter.parse_config(self.config or {}), model_map=self.model_map,
+                             timeout=self.timeout, weight=self.weight, priority=self.priority,
+                             endpoints=frozenset(split_names(self.endpoints)) & adapter.endpoints,
+                             max_input_images=adapter.max_input_images, file_fields=adapter.file_fields)

@@ -28,6 +28,13 @@ def plan_attempts(candidates: Sequence[ChannelTarget], *, rng: random.Random, ma
     return plan[:max_attempts]
 
 
+def capable(targets: Sequence[ChannelTarget], *, endpoint: str, input_images: int,
+            file_fields: set[str]) -> list[ChannelTarget]:
+    """The channels that declare ``endpoint`` and whose adapter takes this many input images and these files."""
+    return [t for t in targets if endpoint in t.endpoints and input_images <= t.max_input_images
+            and file_fields <= t.file_fields]
+
+
 def should_fail_over(error: GatewayError, *, attempts_left: int) -> bool:
     """True when another channel may succeed where this one failed: the fault was the channel's, not the request's."""
     return attempts_left > 0 and (error.channel_fault or error.retryable)

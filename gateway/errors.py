@@ -82,6 +82,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "requests"

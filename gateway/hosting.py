@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 import secrets
 import time
 from typing import IO
 
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import storages
 
@@ -68,6 +70,12 @@ def images_purge(*, now: float | None = None) -> int:
     return deleted
 
 
+def _download(url: str, *, timeout: float) -> bytes:
+    buffer = io.BytesIO()
+    http.fetch(url, timeout=timeout, max_bytes=settings.OPENOPEN8_MAX_IMAGE_BYTES, into=buffer)
+    return buffer.getvalue()
+
+
 def _decode(b64: str) -> bytes:
     try:
         return base64.b64decode(b64, validate=True)
@@ -88,13 +96,13 @@ def images_deliver(result: ImagesResponse, *, response_format: str, files_url: s
         if response_format == "b64_json":
             b64 = image.b64_json
             if b64 is None:
-                b64 = base64.b64encode(http.fetch(str(image.url), timeout=timeout)).decode()
+                b64 = base64.b64encode(_download(str(image.url), timeout=timeout)).decode()
             delivered.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
             if image.b64_json is not None:
                 data = _decode(image.b64_json)
             else:
-                data = http.fetch(str(image.url), timeout=timeout)
+                data = _download(str(image.url), timeout=timeout)
             name = image_store(data, ttl=ttl)
             delivered.append(ImageData(url=f"{files_url}{name}", revised_prompt=image.revised_prompt))
     return ImagesResponse(created=result.created, data=delivered, extra=result.extra)

@@ -117,6 +117,8 @@ class UsageLog(models.Model):
     attempts = models.JSONField(default=list, blank=True,
                                 help_text="Every channel tried: id, name, outcome, latency.")
     n = models.PositiveIntegerField(null=True, blank=True)
+    input_images = models.PositiveIntegerField(default=0, help_text="Image files that came in (edits, variations).")
+    input_bytes = models.PositiveBigIntegerField(default=0)
     images_returned = models.PositiveIntegerField(default=0)
     size = models.CharField(max_length=20, blank=True)
     quality = models.CharField(max_length=20, blank=True)

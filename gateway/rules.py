@@ -101,8 +101,23 @@ def _text(body: JSONDict, name: str) -> str | None:
     return value
 
 
+INT_FIELDS = ("n", "output_compression", "partial_images", "frame_count", "frame_duration_ms")
+
+
+def from_form(fields: JSONDict) -> JSONDict:
+    """Multipart values arrive as text: give the known integer and boolean fields their JSON types."""
+    typed = dict(fields)
+    for name in INT_FIELDS:
+        value = typed.get(name)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            typed[name] = int(value)
+    if isinstance(typed.get("stream"), str):
+        typed["stream"] = typed["stream"].strip().lower() in ("true", "1")
+    return typed
+
+
 def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
-    """Check a client's JSON body against the rules; return the request to dispatch.
+    """Check a client's fields against the rules; return the request to dispatch (input images not yet attached).
 
     Raises ``InvalidRequest`` naming the offending field in ``param``.
     """
@@ -110,16 +125,19 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
     body = {k: v for k, v in body.items() if v is not None}
     model = _text(body, "model")
     if not model:
-        gpt_only = any(name in body for name in table["gpt_image_only_fields"])
-        model = table["default_gpt_image_model"] if gpt_only else table["default_model"]
-    prompt = _text(body, "prompt")
-    if not prompt:
+        gpt_only = endpoint == "generations" and any(name in body for name in table["gpt_image_only_fields"])
+        model = table["default_gpt_image_model"] if gpt_only else table["default_model"][endpoint]
+    prompt = _text(body, "prompt") or ""
+    if not prompt and endpoint != "variations":
         raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
     if body.get("stream"):
         raise _bad("Streaming image responses are not supported by this gateway; omit 'stream'.", "stream",
                    "unsupported_parameter")
     rule = rule_for(model)
     limits = rule or table["basic"]
+    input_rule = limits.get(endpoint) if endpoint != "generations" else None
+    if endpoint != "generations" and input_rule is None:
+        raise _bad(f"Model '{model}' does not support image {endpoint}.", "model", "unsupported_model")
     if limits["prompt_max"] is not None and len(prompt) > limits["prompt_max"]:
         raise _bad(f"Invalid 'prompt': string too long. Expected a string with maximum length {limits['prompt_max']} "
                    f"for {model}, but got a string with length {len(prompt)}.", "prompt", "string_above_max_length")
@@ -148,4 +166,4 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
             body.pop("response_format", None)
     body["model"] = model
     return ImageRequest(endpoint=endpoint, model=model, prompt=prompt, n=body["n"], size=size, quality=quality,
-                        response_format=response_format, fields=body)
+                        response_format=response_format, fields=body, input_rule=input_rule)

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 JSONDict = dict[str, Any]
 
 # Top-level fields of a provider's answer that the client gets back as they are.
 RESPONSE_PASSTHROUGH = ("usage", "size", "quality", "output_format", "background", "svg_usage", "safety_identifier")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An input image that was checked by decoding it. ``file`` is a seekable local file (a temporary file past a
+    small size), never a network stream."""
+
+    file: IO[bytes]
+    filename: str
+    format: str
+    width: int
+    height: int
+    size: int
+    has_alpha: bool
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
+
+    def read(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
 
 
 @dataclass(frozen=True)
@@ -24,6 +46,11 @@ class ImageRequest:
     quality: str | None
     response_format: str
     fields: JSONDict = field(default_factory=dict)
+    # What the model accepts as input images on this endpoint (edits, variations): count, formats, bytes, shape.
+    input_rule: JSONDict | None = None
+    images: tuple[ImageInput, ...] = ()
+    mask: ImageInput | None = None
+    markup: ImageInput | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import ExitStack
 from typing import Any
 
 from django.conf import settings
@@ -29,6 +30,7 @@ from gateway.models import ApiToken, UsageLog, new_key, to_micros
 from gateway.rules import check_request
 from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
 from gateway.selectors import channel_targets_for, price_for
+from gateway.uploads import attach_inputs, from_json, from_multipart
 from gateway.usage import attempt_record, usage_describe, usage_fail, usage_new
 
 _rng = random.Random()
@@ -77,35 +79,60 @@ def _run(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, file
     raise AssertionError("unreachable: the plan is never empty")
 
 
-def image_generate(*, token: ApiToken, body: Any, endpoint: str, request_id: str, files_url: str) -> JSONDict:
-    """Serve one image request end to end; return OpenAI's response body.
+def _check(body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:
+    """The checked request with its input images decoded and attached. Raises ``InvalidRequest``."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    req = check_request(body, endpoint=endpoint)
+    usage_describe(log, req)
+    if endpoint == "generations":
+        return req
+    raw = from_multipart(files) if files is not None else from_json(body)
+    log.input_images = raw.count
+    req = attach_inputs(req, raw, stack=stack)
+    log.input_bytes = sum(i.size for i in (*req.images, req.mask, req.markup) if i is not None)
+    return req
 
-    Raises ``GatewayError``: ``InvalidRequest`` (400) for a failed check, ``PermissionDenied`` (403) for a model the
-    token may not use, ``ModelNotFound`` (404), ``InsufficientQuota`` (429), or the provider's mapped error. Whatever
-    happens, one usage row records it and nothing is charged for images that were not delivered.
+
+def _targets(req: ImageRequest) -> list[ChannelTarget]:
+    """The channels that can serve this request. Raises ``ModelNotFound`` when no channel serves the model, and
+    ``InvalidRequest`` when channels serve it but none can do this endpoint with these inputs."""
+    targets = channel_targets_for(model=req.model)
+    if not targets:
+        raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
+    files = {name for name, f in (("image", req.images), ("mask", req.mask), ("markup", req.markup)) if f}
+    able = dispatch.capable(targets, endpoint=req.endpoint, input_images=len(req.images), file_fields=files)
+    if not able:
+        extra = f" with {len(req.images)} input images" if len(req.images) > 1 else ""
+        extra += f" and a {' and a '.join(sorted(files - {'image'}))}" if files - {"image"} else ""
+        raise InvalidRequest(f"No channel for model '{req.model}' can serve image {req.endpoint}{extra}.",
+                             param="model", code="unsupported_model")
+    return able
+
+
+def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = None, request_id: str,
+                  files_url: str) -> JSONDict:
+    """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
+
+    ``files`` are a multipart request's files; ``None`` for JSON. Raises ``GatewayError``: ``InvalidRequest`` (400)
+    for a failed check, ``PermissionDenied`` (403) for a model the token may not use, ``ModelNotFound`` (404),
+    ``InsufficientQuota`` (429), or the provider's mapped error. Whatever happens, one usage row records it, nothing
+    is charged for images that were not delivered, and temporary files are closed.
     """
     started = time.monotonic()
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
-    reserved = 0
     try:
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        req = check_request(body, endpoint=endpoint)
-        usage_describe(log, req)
-        if not token.allows(req.model):
-            raise PermissionDenied(f"This API key is not allowed to use model '{req.model}'.", param="model")
-        targets = channel_targets_for(model=req.model)
-        if not targets:
-            raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.",
-                                param="model")
-        price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
-        hold = price * req.n
-        with transaction.atomic():  # the hold and the pending row commit together, or neither does
-            budget_reserve(token_id=token.pk, micros=hold)
-            log.reserved_micros = hold
-            log.save()
-        reserved = hold
-        result = _run(log, req, targets, files_url=files_url)
+        with ExitStack() as stack:
+            req = _check(body, files, endpoint=endpoint, log=log, stack=stack)
+            if not token.allows(req.model):
+                raise PermissionDenied(f"This API key is not allowed to use model '{req.model}'.", param="model")
+            targets = _targets(req)
+            price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
+            with transaction.atomic():  # the hold and the pending row commit together, or neither does
+                budget_reserve(token_id=token.pk, micros=price * req.n)
+                log.reserved_micros = price * req.n
+                log.save()
+            result = _run(log, req, targets, files_url=files_url)
         log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
         log.status, log.http_status = UsageLog.Status.SUCCESS, 200
         return result.to_dict()
@@ -119,7 +146,9 @@ def image_generate(*, token: ApiToken, body: Any, endpoint: str, request_id: str
         log.latency_ms = int((time.monotonic() - started) * 1000)
         log.completed_at = timezone.now()
         with transaction.atomic():
-            budget_refund(token_id=token.pk, micros=reserved - log.cost_micros)
+            # A row saved with a hold has it in the database; a failed save rolled the hold back with it.
+            held = log.reserved_micros if log.pk else 0
+            budget_refund(token_id=token.pk, micros=held - log.cost_micros)
             log.reserved_micros = 0
             log.save()
 

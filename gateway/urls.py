@@ -6,6 +6,8 @@ from gateway import views
 
 urlpatterns = [
     path("images/generations", views.ImageGenerationApi.as_view(), name="images-generations"),
+    path("images/edits", views.ImageEditApi.as_view(), name="images-edits"),
+    path("images/variations", views.ImageVariationApi.as_view(), name="images-variations"),
     path("images/files/<str:name>", views.image_file, name="image-file"),
     path("models", views.ModelListApi.as_view(), name="models"),
     re_path(r"^(?P<rest>.*)$", views.unknown_api_path),

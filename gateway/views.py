@@ -6,18 +6,20 @@ import uuid
 from typing import Any, cast
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponseBase, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
 from django.views.decorators.http import require_safe
+from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from gateway.errors import NotFound, error_response
+from gateway.errors import NotFound, RequestTooLarge, error_response
 from gateway.hosting import image_open
 from gateway.models import ApiToken
+from gateway.rules import from_form
 from gateway.selectors import served_model_names
-from gateway.services import image_generate
+from gateway.services import images_create
 
 
 def files_url(request: HttpRequest) -> str:
@@ -28,7 +30,8 @@ def files_url(request: HttpRequest) -> str:
 
 
 class GatewayApi(APIView):
-    """Every answer, errors included, carries ``x-request-id``: the id of the request's usage row."""
+    """Every answer, errors included, carries ``x-request-id``: the id of the request's usage row. Bodies over
+    OPENOPEN8_MAX_REQUEST_BYTES are refused with 413 before they are read."""
 
     request_id = ""
 
@@ -38,13 +41,43 @@ class GatewayApi(APIView):
         response["x-request-id"] = self.request_id
         return response
 
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        cap = settings.OPENOPEN8_MAX_REQUEST_BYTES
+        if length.isdigit() and int(length) > cap:
+            raise RequestTooLarge(f"The request body is {int(length)} bytes; this gateway accepts at most {cap}.")
 
-class ImageGenerationApi(GatewayApi):
+
+class ImagesApi(GatewayApi):
+    endpoint = "generations"
+
     def post(self, request: Request) -> Response:
         token = cast(ApiToken, request.auth)  # HasApiToken lets no request through without one
-        result = image_generate(token=token, body=request.data, endpoint="generations",
-                                request_id=self.request_id, files_url=files_url(request))
+        multipart = request.content_type.startswith("multipart/")
+        body: Any = request.data
+        if multipart:  # text fields only (the last value of a repeated one), typed as JSON would be
+            body = from_form({k: v for k, v in cast(QueryDict, body).items() if k not in request.FILES})
+        result = images_create(token=token, endpoint=self.endpoint, body=body,
+                               files=request.FILES if multipart else None, request_id=self.request_id,
+                               files_url=files_url(request))
         return Response(result)
+
+
+class ImageGenerationApi(ImagesApi):
+    endpoint = "generations"
+
+
+class ImageEditApi(ImagesApi):
+    """Multipart (``image``/``image[]``, ``mask``) as the SDK sends it, or JSON with ``images: [{"image_url"}]``."""
+
+    endpoint = "edits"
+    parser_classes = [JSONParser, MultiPartParser]
+
+
+class ImageVariationApi(ImagesApi):
+    endpoint = "variations"
+    parser_classes = [MultiPartParser]
 
 
 class ModelListApi(GatewayApi):

@@ -72,6 +72,14 @@ OPENOPEN8_MAX_ATTEMPTS = int(envnumber("OPENOPEN8_MAX_ATTEMPTS", "3"))
 # Largest provider answer (JSON with base64 images) and largest single image downloaded from a provider URL.
 OPENOPEN8_MAX_UPSTREAM_BYTES = int(envnumber("OPENOPEN8_MAX_UPSTREAM_BYTES", str(200 * 1024 * 1024)))
 OPENOPEN8_MAX_IMAGE_BYTES = int(envnumber("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 1024)))
+# Uploads: the largest request body, the largest single input image, and the most pixels an image may decode to
+# (a decompression-bomb guard).
+OPENOPEN8_MAX_REQUEST_BYTES = int(envnumber("OPENOPEN8_MAX_REQUEST_BYTES", str(128 * 1024 * 1024)))
+OPENOPEN8_MAX_UPLOAD_BYTES = int(envnumber("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 * 1024)))
+OPENOPEN8_MAX_IMAGE_PIXELS = int(envnumber("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000"))
+# Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless
+# this is on: turn it on for a self-hosted provider on a LAN.
+OPENOPEN8_ALLOW_PRIVATE_URLS = envbool("OPENOPEN8_ALLOW_PRIVATE_URLS", "false")
 # Keep the prompt text in usage logs (off: only its length and a hash are kept).
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
 # A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.

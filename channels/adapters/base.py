@@ -37,6 +37,9 @@ class ChannelTarget:
     timeout: float | None = None
     weight: int = 1
     priority: int = 0
+    endpoints: frozenset[str] = frozenset({"generations"})
+    max_input_images: int = 0
+    file_fields: frozenset[str] = frozenset()
 
     def provider_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -51,6 +54,10 @@ class Adapter:
     """Base of all adapters. Subclasses set ``Config`` and implement the three translation methods."""
 
     needs_base_url: ClassVar[bool] = True
+    # What the adapter can translate: endpoints, input images per request, and which files (image, mask, markup).
+    endpoints: ClassVar[frozenset[str]] = frozenset({"generations", "edits", "variations"})
+    max_input_images: ClassVar[int] = 16
+    file_fields: ClassVar[frozenset[str]] = frozenset({"image", "mask", "markup"})
     # How a request travels. Only the placeholder, which has no provider to call, replaces it.
     transport = staticmethod(http.send)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 from channels.adapters.base import Adapter, ChannelTarget
-from channels.http import UpstreamRequest, UpstreamResponse
+from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
 from gateway.errors import UpstreamError
 from gateway.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
 
@@ -17,6 +18,11 @@ RESPONSE_FORMATS = ("url", "b64_json")
 class Config:
     # The format asked of the provider, in place of the client's, for models that take one.
     response_format: str | None = None
+
+
+def form_value(value: object) -> str:
+    """A field's text in a multipart form: JSON for booleans, objects and lists, as OpenAI's SDK sends them."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def malformed(why: str) -> UpstreamError:
@@ -40,7 +46,16 @@ class OpenAICompatibleAdapter(Adapter):
         if target.config.response_format and "response_format" in body:
             body["response_format"] = target.config.response_format
         headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-        return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/images/{req.endpoint}", headers, json=body)
+        url = f"{target.base_url.rstrip('/')}/images/{req.endpoint}"
+        if req.endpoint == "generations":
+            return UpstreamRequest("POST", url, headers, json=body)
+        # Edits and variations go as multipart with OpenAI's field names, whichever form the client used.
+        name = "image" if len(req.images) == 1 else "image[]"
+        files = [UploadPart(name, i.filename, i.file, i.content_type) for i in req.images]
+        files += [UploadPart(field, f.filename, f.file, f.content_type)
+                  for field, f in (("mask", req.mask), ("markup", req.markup)) if f is not None]
+        form = {key: form_value(value) for key, value in body.items()}
+        return UpstreamRequest("POST", url, headers, form=form, files=tuple(files))
 
     def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
         body = resp.json()

@@ -69,8 +69,16 @@ class PlaceholderAdapter(OpenAICompatibleAdapter):
         return Config()
 
     def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
-        width, height = parse_size(req.size if req.size and req.size != "auto" else "1024x1024")
+        if req.size and req.size != "auto":
+            width, height = parse_size(req.size)
+        elif req.images:  # an edit or variation comes out the size of its (first) input
+            width, height = min(req.images[0].width, MAX_SIDE), min(req.images[0].height, MAX_SIDE)
+        else:
+            width, height = 1024, 1024
         if max(width, height) > MAX_SIDE:
             raise InvalidRequest(f"The placeholder renders at most {MAX_SIDE} px a side.", param="size")
-        return UpstreamRequest("POST", "placeholder:", json={"prompt": req.prompt, "n": req.n,
-                                                             "width": width, "height": height})
+        text = req.prompt or f"variation of a {req.images[0].width}x{req.images[0].height} image"
+        if req.endpoint == "edits":
+            text = f"edit of a {req.images[0].width}x{req.images[0].height} image: {text}"
+        return UpstreamRequest("POST", "placeholder:", json={"prompt": text, "n": req.n, "width": width,
+                                                             "height": height})

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from PIL import Image
 
 from channels.adapters.base import Adapter, ChannelTarget, classify
 from channels.http import UpstreamRequest, UpstreamResponse
@@ -23,6 +27,9 @@ class Config:
     default_size: str = "1024x1024"
     # Steps per OpenAI quality ("low", "hd", ...); a quality not listed uses ``steps``.
     quality_steps: dict[str, int] = field(default_factory=dict)
+    # img2img (edits and variations): how far to move from the input, and the mask's blur in pixels.
+    denoising_strength: float = 0.75
+    mask_blur: int = 4
 
 
 def parse_size(size: str, param: str = "size") -> tuple[int, int]:
@@ -32,7 +39,20 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
     return int(width), int(height)
 
 
+def a1111_mask(openai_mask: bytes) -> bytes:
+    """OpenAI's mask (transparent = repaint) as the web UI's (white = repaint, black = keep), a grayscale PNG."""
+    with Image.open(io.BytesIO(openai_mask)) as mask:
+        alpha = mask.convert("RGBA").getchannel("A")
+    out = io.BytesIO()
+    alpha.point(lambda a: 255 if a == 0 else 0).save(out, "PNG")
+    return out.getvalue()
+
+
 class SDWebUIAdapter(Adapter):
+    # img2img takes one init image, and a mask; no markup.
+    max_input_images = 1
+    file_fields = frozenset({"image", "mask"})
+
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
@@ -41,7 +61,8 @@ class SDWebUIAdapter(Adapter):
         if unknown:
             raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: {', '.join(known)})")
         checks: dict[str, Any] = {"steps": int, "cfg_scale": (int, float), "sampler": str, "scheduler": str,
-                                  "negative_prompt": str, "default_size": str, "quality_steps": dict}
+                                  "negative_prompt": str, "default_size": str, "quality_steps": dict,
+                                  "denoising_strength": (int, float), "mask_blur": int}
         for key, value in raw.items():
             if not isinstance(value, checks[key]) or isinstance(value, bool):
                 raise ValueError(f"{key} has the wrong type")
@@ -49,6 +70,10 @@ class SDWebUIAdapter(Adapter):
             raise ValueError("steps must be between 1 and 150")
         if not all(isinstance(v, int) and 1 <= v <= 150 for v in raw.get("quality_steps", {}).values()):
             raise ValueError("quality_steps values must be step counts between 1 and 150")
+        if not 0 <= raw.get("denoising_strength", 0.75) <= 1:
+            raise ValueError("denoising_strength must be between 0 and 1")
+        if not 0 <= raw.get("mask_blur", 4) <= 64:
+            raise ValueError("mask_blur must be between 0 and 64 pixels")
         try:
             parse_size(raw.get("default_size", "1024x1024"))
         except InvalidRequest as e:
@@ -57,8 +82,12 @@ class SDWebUIAdapter(Adapter):
 
     def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
         config: Config = target.config
-        size = req.size if req.size and req.size != "auto" else config.default_size
-        width, height = parse_size(size)
+        if req.size and req.size != "auto":
+            width, height = parse_size(req.size)
+        elif req.images:  # an edit keeps its input's size, on the multiple of 8 the model works in
+            width, height = max(64, req.images[0].width // 8 * 8), max(64, req.images[0].height // 8 * 8)
+        else:
+            width, height = parse_size(config.default_size)
         body: JSONDict = {
             "prompt": req.prompt,
             "negative_prompt": req.fields.get("negative_prompt", config.negative_prompt),
@@ -77,8 +106,16 @@ class SDWebUIAdapter(Adapter):
         checkpoint = target.provider_model(req.model)
         if checkpoint != req.model:
             body["override_settings"] = {"sd_model_checkpoint": checkpoint}
+        route = "txt2img"
+        if req.images:
+            route = "img2img"
+            body.update(init_images=[base64.b64encode(req.images[0].read()).decode()], resize_mode=0,
+                        denoising_strength=config.denoising_strength)
+        if req.mask is not None:
+            body.update(mask=base64.b64encode(a1111_mask(req.mask.read())).decode(), mask_blur=config.mask_blur,
+                        inpainting_fill=1, inpaint_full_res=False, inpainting_mask_invert=0)
         user, sep, password = target.api_key.partition(":")
-        return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/sdapi/v1/txt2img", json=body,
+        return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/sdapi/v1/{route}", json=body,
                                auth=(user, password) if sep else None)
 
     def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:

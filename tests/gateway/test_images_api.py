@@ -63,6 +63,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(b"".join(image.streaming_content), png_bytes())
         self.assertNotEqual(body["data"][0]["url"], body["data"][1]["url"])
 
+    @override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)
     def test_it_rehosts_a_provider_url_so_the_client_never_sees_the_provider(self) -> None:
         with FakeUpstream() as up:
             jpeg = b"\xff\xd8\xff\xe0" + b"jpeg-bytes" * 10
@@ -77,6 +78,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(image["Content-Type"], "image/jpeg")
         self.assertEqual(b"".join(image.streaming_content), jpeg)
 
+    @override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)
     def test_it_encodes_a_provider_url_when_the_client_wants_base64(self) -> None:
         with FakeUpstream() as up:
             url = up.serve_file("/img/0.png", png_bytes(3, 3))
@@ -88,7 +90,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(item["revised_prompt"], "a fluffy cat")
         self.assertNotIn("url", item)
 
-    @override_settings(OPENOPEN8_MAX_IMAGE_BYTES=1000)
+    @override_settings(OPENOPEN8_MAX_IMAGE_BYTES=1000, OPENOPEN8_ALLOW_PRIVATE_URLS=True)
     def test_a_provider_image_over_the_size_cap_is_not_downloaded_whole(self) -> None:
         with FakeUpstream() as up:
             url = up.serve_file("/img/big.png", png_bytes() + b"\0" * 5000)
@@ -97,6 +99,18 @@ class ImagesApiTests(ApiTestCase):
             r = self.generate({"model": "dall-e-2", "prompt": "a cat", "response_format": "b64_json"})
         error = assert_openai_error(r, 502, "server_error", "upstream_error")
         self.assertIn("1000-byte cap", error["message"])
+
+    def test_a_provider_url_on_a_private_address_is_not_fetched_unless_allowed(self) -> None:
+        with FakeUpstream() as up:
+            url = up.serve_file("/img/0.png", png_bytes())
+            up.respond(200, {"created": 1, "data": [{"url": url}]})
+            make_channel(base_url=up.url)
+            r = self.generate({"model": "dall-e-2", "prompt": "a cat"})
+            error = assert_openai_error(r, 502, "server_error", "upstream_error")
+            self.assertIn("private or local address", error["message"])
+            self.assertEqual([q.method for q in up.requests], ["POST"])  # the image URL was never requested
+            with override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True):
+                self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a cat"}).status_code, 200)
 
     def test_it_passes_base64_through_when_both_sides_speak_it(self) -> None:
         with FakeUpstream() as up:

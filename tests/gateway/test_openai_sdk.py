@@ -9,7 +9,7 @@ import io
 
 import openai
 import requests
-from django.test import LiveServerTestCase
+from django.test import LiveServerTestCase, override_settings
 from PIL import Image
 
 from tests.factories import make_channel, make_token, openai_images, png_bytes, restore_default_prices
@@ -37,6 +37,7 @@ class OpenAISdkTests(LiveServerTestCase):
         make_channel(kind="placeholder", models="dall-e-2,dall-e-3")
         self.assertEqual(sorted(m.id for m in self.sdk.models.list()), ["dall-e-2", "dall-e-3"])
 
+    @override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)
     def test_it_returns_base64_from_a_provider_that_answers_with_urls(self) -> None:
         with FakeUpstream() as up:
             url = up.serve_file("/out/a.png", png_bytes(5, 7))

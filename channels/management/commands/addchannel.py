@@ -7,7 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from channels.adapters import ADAPTERS
-from channels.models import Channel
+from channels.models import ALL_ENDPOINTS, Channel
 
 
 class Command(BaseCommand):
@@ -19,6 +19,8 @@ class Command(BaseCommand):
         parser.add_argument("--base-url", default="")
         parser.add_argument("--key", default="", help="the provider's API key (sd-webui: user:password)")
         parser.add_argument("--models", required=True, help="comma-separated model names clients may ask for")
+        parser.add_argument("--endpoints", default=ALL_ENDPOINTS,
+                            help="what the channel serves, comma-separated (default: %(default)s)")
         parser.add_argument("--priority", type=int, default=0)
         parser.add_argument("--weight", type=int, default=1)
         parser.add_argument("--timeout", type=float, help="seconds to wait for the provider")
@@ -38,7 +40,8 @@ class Command(BaseCommand):
         except ValueError as e:
             raise CommandError(f"--config is not valid JSON: {e}") from None
         channel = Channel(name=opts["name"], kind=opts["kind"], base_url=opts["base_url"], api_key=opts["key"],
-                          served_models=opts["models"], model_map=model_map, priority=opts["priority"],
+                          served_models=opts["models"], model_map=model_map, endpoints=opts["endpoints"],
+                          priority=opts["priority"],
                           weight=opts["weight"], timeout=opts["timeout"], config=config)
         try:
             channel.full_clean()
