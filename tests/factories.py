@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from decimal import Decimal
 from importlib import import_module
 from typing import Any
@@ -66,3 +67,33 @@ def openai_images(count: int = 1, *, style: str = "b64_json", url_base: str = ""
     data = [{"b64_json": png_b64()} if style == "b64_json" else {"url": f"{url_base}/img/{i}.png"}
             for i in range(count)]
     return {"created": 1700000000, "data": data, **extra}
+
+
+def image_bytes(width: int = 8, height: int = 8, *, fmt: str = "PNG", mode: str = "RGB",
+                color: Any = (200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), color).save(out, fmt)
+    return out.getvalue()
+
+
+def mask_png(width: int, height: int, *, hole: tuple[int, int, int, int]) -> bytes:
+    """An OpenAI mask: opaque everywhere but a fully transparent rectangle (left, top, right, bottom) to repaint."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), hole)
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    return out.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A square PNG that does not compress: about 3 bytes per pixel."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A tiny file that decodes to ``side``² pixels."""
+    out = io.BytesIO()
+    Image.new("1", (side, side)).save(out, "PNG")
+    return out.getvalue()

@@ -8,13 +8,19 @@
 
 from __future__ import annotations
 
+import base64
+import email.policy
+import io
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from PIL import Image
 
 Body = bytes | str | dict[str, Any] | list[Any]
 
@@ -28,6 +34,30 @@ class Recorded:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    def form(self) -> tuple[dict[str, str], list[Part]]:
+        """A multipart body's text fields, and its files in order."""
+        head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(head + self.body)
+        fields, files = {}, []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            filename = part.get_filename()
+            if filename is None:
+                fields[str(name)] = payload.decode()
+            else:
+                files.append(Part(str(name), filename, part.get_content_type(), payload))
+        return fields, files
+
+
+@dataclass
+class Part:
+    name: str
+    filename: str
+    content_type: str
+    data: bytes
 
 
 @dataclass
@@ -137,3 +167,20 @@ class FakeUpstream:
                     pass
 
         return Handler
+
+
+def a1111_answer(request: Recorded, *, grid: bool = False) -> dict[str, object]:
+    """What the web UI answers for txt2img: batch_size images, a grid first when asked, info as a JSON string."""
+    asked = request.json()["batch_size"] * request.json()["n_iter"]
+    images = [_png_b64(4 + i, 4) for i in range(asked)]
+    first = 0
+    if grid:
+        images.insert(0, _png_b64(99, 99))
+        first = 1
+    return {"images": images, "parameters": request.json(), "info": json.dumps({"index_of_first_image": first})}
+
+
+def _png_b64(width: int, height: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()

@@ -1,25 +1,17 @@
 from __future__ import annotations
 
 import base64
-import json
+import io
+from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
 
 from channels.adapters.sd_webui import SDWebUIAdapter
 from tests.base import ApiTestCase, assert_openai_error
-from tests.factories import make_channel, png_b64, png_bytes
-from tests.fake_upstream import FakeUpstream, Recorded
-
-
-def a1111_answer(request: Recorded, *, grid: bool = False) -> dict[str, object]:
-    """What the web UI answers for txt2img: batch_size images, a grid first when asked, info as a JSON string."""
-    asked = request.json()["batch_size"] * request.json()["n_iter"]
-    images = [png_b64(4 + i, 4) for i in range(asked)]
-    first = 0
-    if grid:
-        images.insert(0, png_b64(99, 99))
-        first = 1
-    return {"images": images, "parameters": request.json(), "info": json.dumps({"index_of_first_image": first})}
+from tests.factories import image_bytes, make_channel, mask_png, png_bytes
+from tests.fake_upstream import FakeUpstream, a1111_answer
 
 
 class SDWebUIAdapterTests(ApiTestCase):
@@ -100,3 +92,48 @@ class SDWebUIAdapterTests(ApiTestCase):
         with self.assertRaises(ValidationError) as caught:
             channel.full_clean()
         self.assertIn("config", caught.exception.message_dict)
+
+
+class SDWebUIEditTests(ApiTestCase):
+    def edit(self, path: str, fields: dict[str, object]) -> Any:
+        return self.client.post(path, data=fields, headers={"Authorization": f"Bearer {self.key}"})
+
+    def test_an_edit_goes_to_img2img_with_the_mask_converted_to_white_repaints(self) -> None:
+        source = image_bytes(96, 72, color=(10, 200, 10))
+        hole = (8, 4, 40, 20)
+        with FakeUpstream() as up:
+            up.respond(200, a1111_answer)
+            make_channel(kind="sd-webui", base_url=up.url, api_key="", models="gpt-image-1.5",
+                         config={"denoising_strength": 0.9, "mask_blur": 2})
+            r = self.edit("/v1/images/edits", {
+                "model": "gpt-image-1.5", "prompt": "a red door", "response_format": "b64_json",
+                "image": SimpleUploadedFile("in.png", source, "image/png"),
+                "mask": SimpleUploadedFile("mask.png", mask_png(96, 72, hole=hole), "image/png")})
+        self.assertEqual(r.status_code, 200, r.content)
+        sent = up.requests[0]
+        self.assertEqual(sent.path, "/sdapi/v1/img2img")
+        body = sent.json()
+        self.assertEqual(base64.b64decode(body["init_images"][0]), source)
+        self.assertEqual((body["prompt"], body["width"], body["height"], body["batch_size"]), ("a red door", 96, 72, 1))
+        self.assertEqual((body["denoising_strength"], body["mask_blur"], body["inpainting_mask_invert"]), (0.9, 2, 0))
+        mask = Image.open(io.BytesIO(base64.b64decode(body["mask"])))
+        self.assertEqual((mask.mode, mask.size), ("L", (96, 72)))
+        left, top, right, bottom = hole
+        for y in range(72):
+            for x in range(96):
+                repaint = left <= x < right and top <= y < bottom
+                self.assertEqual(mask.getpixel((x, y)), 255 if repaint else 0, (x, y))
+
+    def test_a_variation_is_img2img_without_a_prompt(self) -> None:
+        source = image_bytes(96, 96)
+        with FakeUpstream() as up:
+            up.respond(200, a1111_answer)
+            make_channel(kind="sd-webui", base_url=up.url, api_key="", models="sdxl")
+            r = self.edit("/v1/images/variations", {"image": SimpleUploadedFile("in.png", source, "image/png"),
+                                                    "model": "sdxl", "n": "2", "response_format": "b64_json"})
+        self.assertEqual(r.status_code, 200, r.content)
+        self.assertEqual(len(r.json()["data"]), 2)
+        body = up.requests[0].json()
+        self.assertEqual((body["prompt"], body["batch_size"], body["width"]), ("", 2, 96))
+        self.assertNotIn("mask", body)
+        self.assertEqual(base64.b64decode(body["init_images"][0]), source)

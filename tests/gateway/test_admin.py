@@ -63,7 +63,8 @@ class AdminTests(TestCase):
 
     def channel_form(self, **overrides: object) -> dict[str, object]:
         form = {"name": "openai-main", "kind": "openai", "base_url": "https://api.example.com/v1",
-                "api_key": SECRET, "served_models": "dall-e-2, dall-e-3", "model_map": "{}", "endpoints": "generations,edits,variations", "priority": 0,
+                "api_key": SECRET, "served_models": "dall-e-2, dall-e-3", "model_map": "{}",
+                "endpoints": "generations,edits,variations", "priority": 0,
                 "weight": 1, "enabled": "on", "timeout": "", "config": "{}"}
         form.update(overrides)
         return form
