@@ -8,13 +8,15 @@ from django import forms
 from django.contrib import admin
 from django.utils.html import format_html
 
-from channels.models import Channel
+from channels.models import ENDPOINTS, Channel, split_names
 from openopen8.admin import EnableDisableAdmin
 
 
 class ChannelForm(forms.ModelForm):
     api_key = forms.CharField(label="API key", required=False, strip=True,
                               widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}))
+    endpoints = forms.MultipleChoiceField(choices=[(e, e) for e in ENDPOINTS], widget=forms.CheckboxSelectMultiple,
+                                          initial=list(ENDPOINTS), help_text="What this channel serves.")
 
     class Meta:
         model = Channel
@@ -23,9 +25,14 @@ class ChannelForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["endpoints"] = split_names(self.instance.endpoints)
         if self.instance.pk and self.instance.api_key:
             self.fields["api_key"].help_text = (f"Set ({self.instance.masked_key}). Leave empty to keep it; "
                                                 "type a new key to replace it.")
+
+    def clean_endpoints(self) -> str:
+        return ",".join(self.cleaned_data["endpoints"])
 
     def clean_api_key(self) -> str:
         # The stored key is never sent to the browser, so an empty field means "keep the current one".

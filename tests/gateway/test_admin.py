@@ -64,7 +64,7 @@ class AdminTests(TestCase):
     def channel_form(self, **overrides: object) -> dict[str, object]:
         form = {"name": "openai-main", "kind": "openai", "base_url": "https://api.example.com/v1",
                 "api_key": SECRET, "served_models": "dall-e-2, dall-e-3", "model_map": "{}",
-                "endpoints": "generations,edits,variations", "priority": 0,
+                "endpoints": ["generations", "edits"], "priority": 0,
                 "weight": 1, "enabled": "on", "timeout": "", "config": "{}"}
         form.update(overrides)
         return form
@@ -73,7 +73,7 @@ class AdminTests(TestCase):
         r = self.client.post("/admin/channels/channel/add/", self.channel_form())
         self.assertEqual(r.status_code, 302, r.content[:2000])
         channel = Channel.objects.get()
-        self.assertEqual(channel.api_key, SECRET)
+        self.assertEqual((channel.api_key, channel.endpoints), (SECRET, "generations,edits"))
         for page in ("/admin/channels/channel/", f"/admin/channels/channel/{channel.pk}/change/"):
             html = self.client.get(page).content.decode()
             self.assertNotIn(SECRET, html)
