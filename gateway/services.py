@@ -79,12 +79,15 @@ def _run(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, file
     raise AssertionError("unreachable: the plan is never empty")
 
 
-def _check(body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:
-    """The checked request with its input images decoded and attached. Raises ``InvalidRequest``."""
+def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:
+    """The checked request with its input images decoded and attached. Raises ``InvalidRequest`` or, for a model
+    the token may not use, ``PermissionDenied`` (before any upload is decoded)."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     req = check_request(body, endpoint=endpoint)
     usage_describe(log, req)
+    if not token.allows(req.model):
+        raise PermissionDenied(f"This API key is not allowed to use model '{req.model}'.", param="model")
     if endpoint == "generations":
         return req
     raw = from_multipart(files) if files is not None else from_json(body)
@@ -123,9 +126,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
     try:
         with ExitStack() as stack:
-            req = _check(body, files, endpoint=endpoint, log=log, stack=stack)
-            if not token.allows(req.model):
-                raise PermissionDenied(f"This API key is not allowed to use model '{req.model}'.", param="model")
+            req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
             targets = _targets(req)
             price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
             with transaction.atomic():  # the hold and the pending row commit together, or neither does
