@@ -13,8 +13,9 @@ from openopen8.admin import EnableDisableAdmin
 
 
 class ChannelForm(forms.ModelForm):
-    api_key = forms.CharField(label="API key", required=False, strip=True,
-                              widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}))
+    api_key = forms.CharField(label="API keys", required=False, strip=True,
+                              widget=forms.Textarea(attrs={"rows": 2, "autocomplete": "off", "spellcheck": "false"}),
+                              help_text="One per line, used in turn.")
     endpoints = forms.MultipleChoiceField(choices=[(e, e) for e in ENDPOINTS], widget=forms.CheckboxSelectMultiple,
                                           initial=list(ENDPOINTS), help_text="What this channel serves.")
 
@@ -27,9 +28,10 @@ class ChannelForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         if self.instance.pk:
             self.initial["endpoints"] = split_names(self.instance.endpoints)
+        self.initial["api_key"] = ""  # stored keys never go back to the browser
         if self.instance.pk and self.instance.api_key:
-            self.fields["api_key"].help_text = (f"Set ({self.instance.masked_key}). Leave empty to keep it; "
-                                                "type a new key to replace it.")
+            self.fields["api_key"].help_text = (f"Set: {self.instance.masked_key}. Leave empty to keep them; enter "
+                                                "new keys, one per line, to replace them all.")
 
     def clean_endpoints(self) -> str:
         return ",".join(self.cleaned_data["endpoints"])

@@ -19,6 +19,7 @@ from django.conf import settings
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.schemas import JSONDict
@@ -173,11 +174,21 @@ def _read(resp: requests.Response, max_bytes: int, into: IO[bytes]) -> None:
         into.write(chunk)
 
 
+def _never_connected(error: BaseException | None) -> bool:
+    """True when a connection error happened before anything was sent (refused, unresolvable, unreachable)."""
+    while error is not None:
+        if isinstance(error, (NewConnectionError, NameResolutionError)):
+            return True
+        error = getattr(error, "reason", None) or (error.args[0] if error.args and
+                                                   isinstance(error.args[0], BaseException) else None)
+    return False
+
+
 def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,
-              **kwargs: Any) -> tuple[requests.Response, int]:
+              connect_timeout: float | None = None, **kwargs: Any) -> tuple[requests.Response, int]:
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
-    connect = min(settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
+    connect = min(connect_timeout or settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
     started = time.monotonic()
     try:
         with _session(guarded).request(method, url, timeout=(connect, timeout), stream=True, **kwargs) as resp:
@@ -193,18 +204,22 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
                               retryable=True) from None
     except requests.ReadTimeout:
         raise UpstreamTimeout(f"The provider did not answer within {timeout:g} s.", channel_fault=True,
-                              retryable=True) from None
+                              ambiguous=True) from None
     except requests.ConnectionError as e:
-        timed_out = "timed out" in str(e).lower()
-        error = UpstreamTimeout if timed_out else UpstreamError
-        what = "stopped answering" if timed_out else "could not be reached or dropped the connection"
-        raise error(f"The provider {what}.", channel_fault=True, retryable=True) from None
+        if _never_connected(e):
+            raise UpstreamError("The provider could not be reached.", channel_fault=True, retryable=True) from None
+        if "timed out" in str(e).lower():
+            raise UpstreamTimeout(f"The provider stopped answering for {timeout:g} s.", channel_fault=True,
+                                  ambiguous=True) from None
+        raise UpstreamError("The provider dropped the connection before answering in full.", channel_fault=True,
+                            ambiguous=True) from None
     except requests.RequestException:
-        raise UpstreamError("The provider's answer could not be read.", channel_fault=True, retryable=True) from None
+        raise UpstreamError("The provider's answer was cut off or could not be read.", channel_fault=True,
+                            ambiguous=True) from None
     return resp, int((time.monotonic() - started) * 1000)
 
 
-def send(req: UpstreamRequest, *, timeout: float) -> UpstreamResponse:
+def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None) -> UpstreamResponse:
     """Send one provider request; return its answer whatever the status. Raises ``UpstreamTimeout`` or
     ``UpstreamError`` (channel faults) when there is no complete answer."""
     headers, data = dict(req.headers), None
@@ -214,7 +229,7 @@ def send(req: UpstreamRequest, *, timeout: float) -> UpstreamResponse:
     buffer = io.BytesIO()
     resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json=req.json, data=data,
                               auth=req.auth, allow_redirects=False, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES,
-                              into=buffer)
+                              into=buffer, connect_timeout=connect_timeout)
     return UpstreamResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
                             latency)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -15,9 +17,28 @@ ENDPOINTS = ("generations", "edits", "variations")
 ALL_ENDPOINTS = ",".join(ENDPOINTS)
 
 
+def key_fingerprint(key: str) -> str:
+    """A short, non-reversible name for a key, to remember which one a provider rejected."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def split_names(text: str) -> list[str]:
     """Model names from a comma- or line-separated list as operators type it."""
     return [name.strip() for name in text.replace("\n", ",").split(",") if name.strip()]
+
+
+# Keys are used in turn; each process keeps its own turn (fair over time, no shared write per request).
+_turn = itertools.count()
+
+
+class Circuit(models.Model):
+    """A channel's circuit breaker, when the database holds the shared state."""
+
+    channel = models.OneToOneField("Channel", on_delete=models.CASCADE, primary_key=True, related_name="circuit")
+    failures = models.PositiveIntegerField(default=0, help_text="Consecutive channel faults.")
+    trips = models.PositiveIntegerField(default=0, help_text="Times opened since it last worked.")
+    open_until = models.FloatField(null=True, blank=True)
+    probe_until = models.FloatField(null=True, blank=True)
 
 
 class Channel(models.Model):
@@ -25,8 +46,11 @@ class Channel(models.Model):
     kind = models.CharField("type", max_length=32, choices=KIND_CHOICES)
     base_url = models.CharField("base URL", max_length=500, blank=True,
                                 help_text="For OpenAI-compatible providers, the URL ending in /v1.")
-    api_key = models.CharField("API key", max_length=500, blank=True,
-                               help_text="For sd-webui with --api-auth, user:password.")
+    api_key = models.TextField("API keys", blank=True,
+                               help_text="One per line; used in turn. For sd-webui with --api-auth, user:password.")
+    disabled_keys = models.JSONField(default=dict, blank=True,
+                                     help_text="Keys the provider rejected, by fingerprint, with the reason.")
+    disabled_reason = models.TextField(blank=True, help_text="Why the gateway disabled this channel, if it did.")
     served_models = models.TextField("models",
                                      help_text="Model names clients may ask for, comma-separated; * serves any model.")
     model_map = models.JSONField(
@@ -38,13 +62,25 @@ class Channel(models.Model):
     weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)],
                                          help_text="Share of traffic among channels of the same priority.")
     enabled = models.BooleanField(default=True)
-    timeout = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.1)],
+    timeout = models.FloatField("read timeout", null=True, blank=True, validators=[MinValueValidator(0.1)],
                                 help_text="Seconds to wait for the provider; empty uses OPENOPEN8_UPSTREAM_TIMEOUT.")
+    connect_timeout = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.1)],
+                                        help_text="Seconds to wait for a connection; empty uses "
+                                                  "OPENOPEN8_CONNECT_TIMEOUT.")
+    safe_to_retry = models.BooleanField(default=False, help_text="Retry elsewhere after a read timeout or a dropped "
+                                        "answer, when the provider may already have made (and billed) the image.")
+    images_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
+    max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
+                                                help_text="Requests running at once; empty means no limit.")
     config = models.JSONField(default=dict, blank=True, help_text="Settings for this channel type.")
     last_error = models.TextField(blank=True)
     last_error_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_latency_ms = models.PositiveIntegerField("last latency (ms)", null=True, blank=True)
+    last_test_at = models.DateTimeField(null=True, blank=True)
+    last_test_ok = models.BooleanField(null=True, blank=True)
+    last_test_message = models.TextField(blank=True)
+    last_test_latency_ms = models.PositiveIntegerField("last test latency (ms)", null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -52,6 +88,13 @@ class Channel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def keys(self) -> list[str]:
+        return [k.strip() for k in self.api_key.splitlines() if k.strip()]
+
+    def usable_keys(self) -> list[str]:
+        """The keys the provider has not rejected."""
+        return [k for k in self.keys() if key_fingerprint(k) not in self.disabled_keys]
 
     def model_names(self) -> list[str]:
         return split_names(self.served_models)
@@ -62,7 +105,10 @@ class Channel(models.Model):
 
     @property
     def masked_key(self) -> str:
-        return f"…{self.api_key[-4:]}" if len(self.api_key) > 8 else ("set" if self.api_key else "")
+        """Each key as its last four characters; set-aside keys marked."""
+        shown = [(f"…{k[-4:]}" if len(k) > 8 else "set")
+                 + (" (set aside)" if key_fingerprint(k) in self.disabled_keys else "") for k in self.keys()]
+        return ", ".join(shown)
 
     def clean(self) -> None:
         errors: dict[str, Any] = {}
@@ -87,10 +133,17 @@ class Channel(models.Model):
         if errors:
             raise ValidationError(errors)
 
-    def to_target(self) -> ChannelTarget:
-        """The frozen value adapters get. Raises ``ValueError`` if the stored config no longer parses."""
+    def to_target(self) -> ChannelTarget | None:
+        """The frozen value adapters get, with one usable key chosen in turn; ``None`` when every key is set aside.
+        Raises ``ValueError`` if the stored config no longer parses."""
         adapter = get_adapter(self.kind)
-        return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url, api_key=self.api_key,
+        keys = self.usable_keys()
+        if self.keys() and not keys:
+            return None
+        return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url,
+                             api_key=keys[next(_turn) % len(keys)] if keys else "", spare_keys=len(keys) - 1,
+                             connect_timeout=self.connect_timeout, safe_to_retry=self.safe_to_retry,
+                             images_per_minute=self.images_per_minute, max_in_flight=self.max_in_flight,
                              config=adapter.parse_config(self.config or {}), model_map=self.model_map,
                              timeout=self.timeout, weight=self.weight, priority=self.priority,
                              endpoints=frozenset(split_names(self.endpoints)) & adapter.endpoints,

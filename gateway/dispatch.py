@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import groupby
 
 from channels.adapters.base import ChannelTarget
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RateLimited, UpstreamKeyRejected
 
 
 def weighted_order(targets: Sequence[ChannelTarget], rng: random.Random) -> list[ChannelTarget]:
@@ -35,6 +35,18 @@ def capable(targets: Sequence[ChannelTarget], *, endpoint: str, input_images: in
             and file_fields <= t.file_fields]
 
 
-def should_fail_over(error: GatewayError, *, attempts_left: int) -> bool:
-    """True when another channel may succeed where this one failed: the fault was the channel's, not the request's."""
-    return attempts_left > 0 and (error.channel_fault or error.retryable)
+def should_fail_over(error: GatewayError, *, attempts_left: int, safe_to_retry: bool = False) -> bool:
+    """True when another channel may be tried: the fault was the channel's, not the request's, and the provider
+    cannot have made a billable image; after an ambiguous fault (answer lost after sending) only when the channel
+    is marked safe to retry."""
+    if attempts_left <= 0:
+        return False
+    if error.ambiguous:
+        return safe_to_retry
+    return error.channel_fault or error.retryable
+
+
+def counts_against_circuit(error: GatewayError) -> bool:
+    """Faults that say the channel is broken: 5xx, timeouts, refused connections, malformed answers. Not the
+    provider's rate limits, not a rejected key (handled on its own), not the client's faults."""
+    return error.channel_fault and not isinstance(error, (RateLimited, UpstreamKeyRejected))

@@ -34,6 +34,7 @@ class GatewayError(Exception):
         code: str | None = None,
         retryable: bool = False,
         channel_fault: bool = False,
+        ambiguous: bool = False,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -41,8 +42,12 @@ class GatewayError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+        # retryable: another channel may be tried, the provider cannot have made a billable image.
+        # ambiguous: the request was sent and the answer lost (read timeout, dropped or cut-off answer): the provider
+        # may have made and billed the image, so it is retried only on channels marked safe to retry.
         self.retryable = retryable
         self.channel_fault = channel_fault
+        self.ambiguous = ambiguous
         self.retry_after = retry_after
 
     def to_body(self) -> dict[str, Any]:
@@ -104,6 +109,10 @@ class UpstreamError(GatewayError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+
+class UpstreamKeyRejected(UpstreamError):
+    """The provider refused the channel's key (401/403): that key is set aside until an operator restores it."""
 
 
 class ServiceUnavailable(GatewayError):

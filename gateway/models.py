@@ -47,6 +47,9 @@ class ApiToken(models.Model):
     budget_micros = models.BigIntegerField("budget (µUSD)", null=True, blank=True, help_text="Empty means unlimited.")
     spent_micros = models.BigIntegerField("spent (µUSD)", default=0)
     allowed_models = models.TextField(blank=True, help_text="Comma-separated; empty allows every model.")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
+    max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
+                                                help_text="Requests running at once; empty means no limit.")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
@@ -95,6 +98,26 @@ class Price(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.size or 'any size'} {self.quality or 'any quality'}: ${self.usd_per_image}"
+
+
+class Counter(models.Model):
+    """A count in one fixed time window (requests or images per minute), shared by every worker and node when the
+    database holds the shared state."""
+
+    key = models.CharField(max_length=100)
+    window = models.BigIntegerField(help_text="Start of the window, in Unix seconds.")
+    count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "window"], name="unique_counter_window")]
+
+
+class Lease(models.Model):
+    """One request in flight under a concurrency limit; it lapses at ``expires_at`` if its worker dies."""
+
+    key = models.CharField(max_length=100, db_index=True)
+    holder = models.CharField(max_length=40, unique=True)
+    expires_at = models.FloatField(db_index=True)
 
 
 class UsageLog(models.Model):

@@ -19,9 +19,12 @@ def channel_targets_for(*, model: str) -> list[ChannelTarget]:
         if not channel.serves(model):
             continue
         try:
-            targets.append(channel.to_target())
+            target = channel.to_target()
         except (ValueError, KeyError) as e:
             log.warning("channel %s skipped: its config no longer parses: %s", channel.pk, e)
+            continue
+        if target is not None:
+            targets.append(target)
     return targets
 
 

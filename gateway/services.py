@@ -2,81 +2,51 @@
 
 from __future__ import annotations
 
-import random
+import math
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from channels import adapters
 from channels.adapters.base import ChannelTarget
 from gateway import dispatch
 from gateway.billing import budget_refund, budget_reserve
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    ModelNotFound,
-    PermissionDenied,
-    RateLimited,
-    ServiceUnavailable,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from gateway.hosting import images_deliver
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
+from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
+from gateway.routing import images_route, lease_ttl
 from gateway.rules import check_request
-from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
+from gateway.shared import shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import attempt_record, usage_describe, usage_fail, usage_new
-
-_rng = random.Random()
+from gateway.usage import usage_describe, usage_fail, usage_new
 
 
-def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayError:
-    """The client's error when every channel failed: the class follows the last fault, the message names no key,
-    host or channel."""
-    message = f"No channel could serve model '{req.model}' ({tried} tried). Last error: {last.message}"
-    if isinstance(last, UpstreamTimeout):
-        return UpstreamTimeout(message)
-    if isinstance(last, RateLimited):
-        return ServiceUnavailable(message, retry_after=last.retry_after)
-    return UpstreamError(message)
-
-
-def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str) -> tuple[ImagesResponse, int]:
-    """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
-    timeout = target.timeout or settings.OPENOPEN8_UPSTREAM_TIMEOUT
-    result, provider_ms = adapters.call(target, req, timeout=timeout)
-    if not result.data:
-        raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)
-    result = ImagesResponse(result.created, result.data[: req.n], result.extra)
-    delivered = images_deliver(result, response_format=req.response_format, files_url=files_url,
-                               ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout)
-    return delivered, provider_ms
-
-
-def _run(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, files_url: str) -> ImagesResponse:
-    plan = dispatch.plan_attempts(targets, rng=_rng, max_attempts=settings.OPENOPEN8_MAX_ATTEMPTS)
-    for index, target in enumerate(plan):
-        started = time.monotonic()
-        log.channel_id, log.provider_model = target.id, target.provider_model(req.model)
-        try:
-            result, log.provider_latency_ms = _attempt(target, req, files_url=files_url)
-        except GatewayError as error:
-            log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000),
-                                               error=error))
-            if dispatch.should_fail_over(error, attempts_left=len(plan) - index - 1):
-                continue
-            if error.channel_fault:
-                raise _all_failed(req, index + 1, error) from error
-            raise
-        log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000)))
-        return result
-    raise AssertionError("unreachable: the plan is never empty")
+@contextmanager
+def token_slot(token: ApiToken) -> Iterator[None]:
+    """Hold the token's limits for one request. Raises ``RateLimited`` (429, with Retry-After) when over one."""
+    state = shared_state()
+    if token.requests_per_minute is not None:
+        wait = state.window_add(f"rpm:token:{token.pk}", 1, limit=token.requests_per_minute)
+        if wait is not None:
+            raise RateLimited(f"Rate limit reached for this API key: {token.requests_per_minute} requests per minute."
+                              " Try again shortly.", retry_after=max(1, math.ceil(wait)))
+    lease = None
+    if token.max_in_flight is not None:
+        lease = state.lease(f"inflight:token:{token.pk}", limit=token.max_in_flight, ttl=lease_ttl())
+        if lease is None:
+            raise RateLimited(f"This API key already has {token.max_in_flight} request(s) running; wait for one to "
+                              "finish.", retry_after=1)
+    try:
+        yield
+    finally:
+        if lease is not None:
+            state.release(f"inflight:token:{token.pk}", lease)
 
 
 def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:
@@ -126,6 +96,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
     try:
         with ExitStack() as stack:
+            stack.enter_context(token_slot(token))
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
             targets = _targets(req)
             price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
@@ -133,7 +104,8 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
                 budget_reserve(token_id=token.pk, micros=price * req.n)
                 log.reserved_micros = price * req.n
                 log.save()
-            result = _run(log, req, targets, files_url=files_url)
+            result = images_route(log, req, targets, files_url=files_url,
+                                  deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
         log.status, log.http_status = UsageLog.Status.SUCCESS, 200
         return result.to_dict()
@@ -144,6 +116,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
+        record_request(log)
         log.latency_ms = int((time.monotonic() - started) * 1000)
         log.completed_at = timezone.now()
         with transaction.atomic():

@@ -6,9 +6,11 @@ import uuid
 from typing import Any, cast
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponseBase, JsonResponse, QueryDict
+from django.db import connection
+from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
 from django.views.decorators.http import require_safe
+from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -16,10 +18,12 @@ from rest_framework.views import APIView
 
 from gateway.errors import NotFound, RequestTooLarge, error_response
 from gateway.hosting import image_open
+from gateway.metrics import metrics_text
 from gateway.models import ApiToken
 from gateway.rules import from_form
 from gateway.selectors import served_model_names
 from gateway.services import images_create
+from gateway.shared import shared_state
 
 
 def files_url(request: HttpRequest) -> str:
@@ -103,6 +107,35 @@ def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     # An SVG could carry script: never let it run in the gateway's origin.
     response["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
     return response
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """The process is up."""
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    """The process can serve: the database answers, and Redis too when it is configured."""
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as e:  # any driver error means not ready
+        checks["database"] = f"error: {type(e).__name__}"
+    if settings.REDIS_URL:
+        try:
+            shared_state().redis.ping()  # type: ignore[attr-defined]
+            checks["redis"] = "ok"
+        except Exception as e:
+            checks["redis"] = f"error: {type(e).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics in the text format."""
+    return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
 def unknown_api_path(request: HttpRequest, rest: str = "") -> JsonResponse:

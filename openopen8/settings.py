@@ -80,6 +80,15 @@ OPENOPEN8_MAX_IMAGE_PIXELS = int(envnumber("OPENOPEN8_MAX_IMAGE_PIXELS", "400000
 # Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless
 # this is on: turn it on for a self-hosted provider on a LAN.
 OPENOPEN8_ALLOW_PRIVATE_URLS = envbool("OPENOPEN8_ALLOW_PRIVATE_URLS", "false")
+# Circuit breaker: consecutive channel faults that open a channel's circuit, and the first cool-down in seconds
+# (doubling on each further trip, up to the maximum).
+OPENOPEN8_BREAKER_THRESHOLD = int(envnumber("OPENOPEN8_BREAKER_THRESHOLD", "5"))
+OPENOPEN8_BREAKER_COOLDOWN = float(envnumber("OPENOPEN8_BREAKER_COOLDOWN", "30", float))
+OPENOPEN8_BREAKER_MAX_COOLDOWN = float(envnumber("OPENOPEN8_BREAKER_MAX_COOLDOWN", "600", float))
+# Longest a client request may take in all, failovers and downloads included.
+OPENOPEN8_REQUEST_DEADLINE = float(envnumber("OPENOPEN8_REQUEST_DEADLINE", "300", float))
+# How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
+OPENOPEN8_SWEEP_INTERVAL = float(envnumber("OPENOPEN8_SWEEP_INTERVAL", "60", float))
 # Keep the prompt text in usage logs (off: only its length and a hash are kept).
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
 # A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.

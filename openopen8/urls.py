@@ -4,6 +4,8 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from gateway import views
+
 admin.site.site_header = "OpenOpen8 console"
 admin.site.site_title = "OpenOpen8"
 admin.site.index_title = "Tokens, channels, prices and usage"
@@ -11,6 +13,9 @@ admin.site.index_title = "Tokens, channels, prices and usage"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
+    path("healthz", views.healthz),
+    path("readyz", views.readyz),
+    path("metrics", views.metrics),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]
 

@@ -33,7 +33,7 @@ def call(target: ChannelTarget, req: ImageRequest, *, timeout: float) -> tuple[I
     """
     adapter = get_adapter(target.kind)
     upstream = adapter.build_request(req, target)
-    resp = adapter.transport(upstream, timeout=timeout)
+    resp = adapter.transport(upstream, timeout=timeout, connect_timeout=target.connect_timeout)
     if resp.status >= 400:
         error = adapter.parse_error(resp, target)
         # Provider messages reach clients and logs: never with our key or the provider's address in them.

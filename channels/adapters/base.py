@@ -19,6 +19,7 @@ from gateway.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,
+    UpstreamKeyRejected,
 )
 from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
 
@@ -40,6 +41,11 @@ class ChannelTarget:
     endpoints: frozenset[str] = frozenset({"generations"})
     max_input_images: int = 0
     file_fields: frozenset[str] = frozenset()
+    spare_keys: int = 0
+    connect_timeout: float | None = None
+    safe_to_retry: bool = False
+    images_per_minute: int | None = None
+    max_in_flight: int | None = None
 
     def provider_model(self, model: str) -> str:
         return self.model_map.get(model, model)
@@ -101,7 +107,8 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
     if code in REFUSAL_CODES or kind == "image_generation_user_error":
         return ContentPolicyViolation(message, param=param if isinstance(param, str) else None)
     if status in (401, 403):
-        return UpstreamError(f"The provider rejected the channel's credentials (HTTP {status}).", channel_fault=True)
+        return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {status}): {message}",
+                                   channel_fault=True)
     if status == 429:
         return RateLimited(f"The provider is rate limiting this channel (HTTP {status}).", channel_fault=True,
                            retryable=True, retry_after=retry_after(resp))

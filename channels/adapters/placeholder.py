@@ -46,7 +46,7 @@ def render_png(prompt: str, width: int, height: int, index: int, count: int) -> 
     return out.getvalue()
 
 
-def render(req: UpstreamRequest, *, timeout: float) -> UpstreamResponse:
+def render(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None) -> UpstreamResponse:
     """Stands in for the network: answers like an OpenAI provider with base64 PNGs."""
     started = time.monotonic()
     body = req.json or {}

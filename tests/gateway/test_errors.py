@@ -31,7 +31,7 @@ class ErrorHandlingTests(ApiTestCase):
     def test_an_unexpected_failure_is_a_json_500_logged_and_refunded(self) -> None:
         token, key = make_token(name="b", budget="1")
         make_channel(kind="placeholder")
-        with mock.patch("gateway.services.images_deliver", autospec=True, side_effect=RuntimeError("disk on fire")):
+        with mock.patch("gateway.routing.images_deliver", autospec=True, side_effect=RuntimeError("disk on fire")):
             r = self.generate({"model": "dall-e-3", "prompt": "a"}, key=key)
         error = assert_openai_error(r, 500, "server_error")
         self.assertNotIn("disk on fire", error["message"])

@@ -1,0 +1,153 @@
+"""Trying channels in order, safely: circuit breakers skip broken channels, channel limits are respected, rejected
+keys are set aside, every attempt fits in the request's deadline, and a fault that may already have been billed is
+not retried elsewhere unless the channel says that is safe."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.conf import settings
+
+from channels import adapters
+from channels.adapters.base import ChannelTarget
+from channels.services import channel_key_reject
+from gateway import dispatch
+from gateway.errors import (
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamKeyRejected,
+    UpstreamTimeout,
+)
+from gateway.hosting import images_deliver
+from gateway.models import UsageLog
+from gateway.schemas import ImageRequest, ImagesResponse
+from gateway.shared import CircuitView, SharedState, shared_state
+from gateway.usage import attempt_record
+
+_rng = random.Random()
+CLOSED = CircuitView()
+
+
+def lease_ttl() -> float:
+    """How long a lease outlives a worker that died holding it."""
+    return float(settings.OPENOPEN8_REQUEST_DEADLINE + 60)
+
+
+def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayError:
+    """The client's error when every channel failed: the class follows the last fault, the message names no key,
+    host or channel."""
+    message = f"No channel could serve model '{req.model}' ({tried} tried). Last error: {last.message}"
+    if isinstance(last, UpstreamTimeout):
+        return UpstreamTimeout(message)
+    if isinstance(last, RateLimited):
+        return ServiceUnavailable(message, retry_after=last.retry_after)
+    return UpstreamError(message)
+
+
+@contextmanager
+def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iterator[float | None]:
+    """Hold the channel's limits for one attempt: yields ``None`` when within them, else seconds to wait."""
+    if target.images_per_minute is not None:
+        wait = state.window_add(f"ipm:channel:{target.id}", images, limit=target.images_per_minute)
+        if wait is not None:
+            yield wait
+            return
+    lease = None
+    if target.max_in_flight is not None:
+        lease = state.lease(f"inflight:channel:{target.id}", limit=target.max_in_flight, ttl=lease_ttl())
+        if lease is None:
+            yield 1.0
+            return
+    try:
+        yield None
+    finally:
+        if lease is not None:
+            state.release(f"inflight:channel:{target.id}", lease)
+
+
+def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
+             timeout: float) -> tuple[ImagesResponse, int]:
+    """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
+    result, provider_ms = adapters.call(target, req, timeout=timeout)
+    if not result.data:
+        raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)
+    result = ImagesResponse(result.created, result.data[: req.n], result.extra)
+    delivered = images_deliver(result, response_format=req.response_format, files_url=files_url,
+                               ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout)
+    return delivered, provider_ms
+
+
+def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
+                   error: GatewayError) -> ChannelTarget | None:
+    """Book a failed attempt against the channel; return the same channel with another key to try, if the fault
+    was a rejected key and the channel has one left."""
+    if isinstance(error, UpstreamKeyRejected):
+        return channel_key_reject(target.id, key=target.api_key, reason=error.message)
+    if dispatch.counts_against_circuit(error):
+        state.circuit_failed(target.id)
+    elif not error.channel_fault and view != CLOSED:
+        state.circuit_ok(target.id)  # the provider answered sensibly: it works
+    return None
+
+
+def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, files_url: str,
+                 deadline: float) -> ImagesResponse:
+    """The client's images from the first channel that delivers them.
+
+    Raises the client's error as soon as a provider blames the request; ``UpstreamError``/``UpstreamTimeout``/
+    ``ServiceUnavailable`` when every channel failed; ``ServiceUnavailable`` with ``Retry-After`` when every channel
+    is cooling down or at its limits; ``UpstreamTimeout`` when the deadline (monotonic) passes.
+    """
+    state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
+    circuits = state.circuits([t.id for t in targets])
+    now = time.time()
+    waits = [v.open_until - now for v in circuits.values() if v.state(now) == "open" and v.open_until]
+    ready = [t for t in targets if circuits.get(t.id, CLOSED).state(now) != "open"]
+    queue = dispatch.plan_attempts(ready, rng=_rng, max_attempts=len(ready))
+    tried, last_error = 0, None
+    while queue and tried < max_attempts:
+        target = queue.pop(0)
+        view = circuits.get(target.id, CLOSED)
+        remaining = deadline - time.monotonic()
+        if remaining < 0.5:
+            raise UpstreamTimeout(f"The request's deadline of {settings.OPENOPEN8_REQUEST_DEADLINE:g} s passed "
+                                  f"after {tried} attempt(s).")
+        timeout = min(target.timeout or settings.OPENOPEN8_UPSTREAM_TIMEOUT, remaining)
+        if view.state(time.time()) == "half_open" and not state.claim_probe(target.id, ttl=timeout + 30):
+            continue  # another request is probing this channel
+        with channel_slot(state, target, req.n) as wait:
+            if wait is not None:
+                waits.append(wait)
+                continue
+            tried += 1
+            started = time.monotonic()
+            log.channel_id, log.provider_model = target.id, target.provider_model(req.model)
+            try:
+                result, log.provider_latency_ms = _attempt(target, req, files_url=files_url, timeout=timeout)
+            except GatewayError as error:
+                log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000),
+                                                   error=error))
+                retry_with = _after_failure(state, target, view, error)
+                if retry_with is not None:
+                    queue.insert(0, retry_with)
+                left = min(len(queue), max_attempts - tried)
+                if dispatch.should_fail_over(error, attempts_left=left, safe_to_retry=target.safe_to_retry):
+                    last_error = error
+                    continue
+                if error.channel_fault:
+                    raise _all_failed(req, tried, error) from error
+                raise
+        if view != CLOSED:
+            state.circuit_ok(target.id)
+        log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000)))
+        return result
+    if last_error is not None:
+        raise _all_failed(req, tried, last_error)
+    raise ServiceUnavailable(f"Every channel for model '{req.model}' is cooling down after failures or at its "
+                             "limits; try again shortly.", retry_after=max(1, math.ceil(min(waits, default=1))))

@@ -1,0 +1,219 @@
+"""State that every worker and every node shares: fixed-window counters, in-flight leases and circuit breakers.
+
+Kept in Redis when REDIS_URL is set, otherwise in the database; never in one process's memory. Every operation is a
+single atomic step (a Lua script, or one transaction), so concurrent requests cannot overrun a limit or trip a
+breaker twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+
+from channels.models import Circuit
+from gateway.models import Counter, Lease
+
+
+@dataclass(frozen=True)
+class CircuitView:
+    failures: int = 0
+    trips: int = 0
+    open_until: float | None = None
+
+    def state(self, now: float) -> str:
+        """``closed``, ``open`` (skipped until ``open_until``), or ``half_open`` (one probe may go)."""
+        if self.open_until is None:
+            return "closed"
+        return "open" if self.open_until > now else "half_open"
+
+
+def cooldown(trips: int) -> float:
+    """Seconds a circuit stays open after its ``trips``-th consecutive trip: doubling, capped."""
+    doubled = settings.OPENOPEN8_BREAKER_COOLDOWN * 2 ** max(trips - 1, 0)
+    return float(min(doubled, settings.OPENOPEN8_BREAKER_MAX_COOLDOWN))
+
+
+class SharedState(Protocol):
+    def window_add(self, key: str, amount: int, *, limit: int, window: int = 60) -> float | None:
+        """Count ``amount`` in the current window if the total stays within ``limit``; return ``None`` when counted,
+        else the seconds until the window resets."""
+
+    def lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        """Take one of ``limit`` places; return its id, or ``None`` when all are taken. It lapses after ``ttl``."""
+
+    def release(self, key: str, lease_id: str) -> None: ...
+
+    def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]: ...
+
+    def claim_probe(self, channel_id: int, *, ttl: float) -> bool:
+        """For a half-open circuit: True for the one request that may probe the channel now."""
+
+    def circuit_failed(self, channel_id: int) -> CircuitView:
+        """Count a channel fault; open the circuit at the threshold, or again (longer) when a probe failed."""
+
+    def circuit_ok(self, channel_id: int) -> None: ...
+
+
+class DatabaseState:
+    def window_add(self, key: str, amount: int, *, limit: int, window: int = 60) -> float | None:
+        now = time.time()
+        start = int(now // window) * window
+        wait = start + window - now
+        for _ in range(3):
+            if Counter.objects.filter(key=key, window=start, count__lte=limit - amount).update(
+                    count=F("count") + amount):
+                return None
+            if amount > limit or Counter.objects.filter(key=key, window=start).exists():
+                return wait
+            try:
+                with transaction.atomic():
+                    Counter.objects.create(key=key, window=start, count=amount)
+                return None
+            except IntegrityError:  # another request created the window first: count in it
+                continue
+        return wait
+
+    def lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        now, holder = time.time(), uuid.uuid4().hex
+        Counter.objects.get_or_create(key=f"lock:{key}", window=0)
+        with transaction.atomic():
+            # One lease decision per key at a time: a row lock on PostgreSQL; SQLite's write lock does the same.
+            Counter.objects.select_for_update().get(key=f"lock:{key}", window=0)
+            Lease.objects.filter(key=key, expires_at__lte=now).delete()
+            if Lease.objects.filter(key=key).count() >= limit:
+                return None
+            Lease.objects.create(key=key, holder=holder, expires_at=now + ttl)
+        return holder
+
+    def release(self, key: str, lease_id: str) -> None:
+        Lease.objects.filter(holder=lease_id).delete()
+
+    def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]:
+        return {c.channel_id: CircuitView(c.failures, c.trips, c.open_until)
+                for c in Circuit.objects.filter(channel_id__in=channel_ids)}
+
+    def claim_probe(self, channel_id: int, *, ttl: float) -> bool:
+        now = time.time()
+        free = Q(probe_until__isnull=True) | Q(probe_until__lt=now)
+        return bool(Circuit.objects.filter(free, channel_id=channel_id, open_until__lte=now)
+                    .update(probe_until=now + ttl))
+
+    def circuit_failed(self, channel_id: int) -> CircuitView:
+        with transaction.atomic():
+            circuit, _ = Circuit.objects.select_for_update().get_or_create(channel_id=channel_id)
+            circuit.failures += 1
+            if circuit.open_until is not None or circuit.failures >= settings.OPENOPEN8_BREAKER_THRESHOLD:
+                circuit.trips += 1
+                circuit.open_until = time.time() + cooldown(circuit.trips)
+                circuit.failures, circuit.probe_until = 0, None
+            circuit.save()
+        return CircuitView(circuit.failures, circuit.trips, circuit.open_until)
+
+    def circuit_ok(self, channel_id: int) -> None:
+        Circuit.objects.filter(channel_id=channel_id).delete()
+
+
+WINDOW_ADD = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+LEASE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+CLAIM_PROBE = """
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '-1')
+local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
+if open_until < 0 or open_until > tonumber(ARGV[1]) or probe_until >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'probe_until', ARGV[2])
+return 1
+"""
+CIRCUIT_FAILED = """
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+local trips = tonumber(redis.call('HGET', KEYS[1], 'trips') or '0')
+if redis.call('HEXISTS', KEYS[1], 'open_until') == 1 or failures >= tonumber(ARGV[1]) then
+  trips = trips + 1
+  local wait = math.min(tonumber(ARGV[3]) * 2 ^ (trips - 1), tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'trips', trips, 'failures', 0, 'open_until', tonumber(ARGV[2]) + wait)
+  redis.call('HDEL', KEYS[1], 'probe_until')
+  failures = 0
+end
+return {failures, trips, redis.call('HGET', KEYS[1], 'open_until') or false}
+"""
+
+
+class RedisState:
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        self._window_add = self.redis.register_script(WINDOW_ADD)
+        self._lease = self.redis.register_script(LEASE)
+        self._claim_probe = self.redis.register_script(CLAIM_PROBE)
+        self._circuit_failed = self.redis.register_script(CIRCUIT_FAILED)
+
+    def window_add(self, key: str, amount: int, *, limit: int, window: int = 60) -> float | None:
+        now = time.time()
+        start = int(now // window) * window
+        if self._window_add(keys=[f"oo8:{key}:{start}"], args=[amount, limit, window * 2]):
+            return None
+        return start + window - now
+
+    def lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        now, holder = time.time(), uuid.uuid4().hex
+        taken = self._lease(keys=[f"oo8:lease:{key}"], args=[now, limit, now + ttl, holder, math.ceil(ttl) + 60])
+        return holder if taken else None
+
+    def release(self, key: str, lease_id: str) -> None:
+        self.redis.zrem(f"oo8:lease:{key}", lease_id)
+
+    def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]:
+        pipe = self.redis.pipeline(transaction=False)
+        for channel_id in channel_ids:
+            pipe.hgetall(f"oo8:circuit:{channel_id}")
+        views = {}
+        for channel_id, raw in zip(channel_ids, pipe.execute(), strict=True):
+            if raw:
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                views[channel_id] = CircuitView(int(fields.get("failures", 0)), int(fields.get("trips", 0)),
+                                                float(fields["open_until"]) if "open_until" in fields else None)
+        return views
+
+    def claim_probe(self, channel_id: int, *, ttl: float) -> bool:
+        now = time.time()
+        return bool(self._claim_probe(keys=[f"oo8:circuit:{channel_id}"], args=[now, now + ttl]))
+
+    def circuit_failed(self, channel_id: int) -> CircuitView:
+        failures, trips, open_until = self._circuit_failed(
+            keys=[f"oo8:circuit:{channel_id}"],
+            args=[settings.OPENOPEN8_BREAKER_THRESHOLD, time.time(), settings.OPENOPEN8_BREAKER_COOLDOWN,
+                  settings.OPENOPEN8_BREAKER_MAX_COOLDOWN])
+        return CircuitView(int(failures), int(trips), float(open_until) if open_until else None)
+
+    def circuit_ok(self, channel_id: int) -> None:
+        self.redis.delete(f"oo8:circuit:{channel_id}")
+
+
+@cache
+def _state_for(redis_url: str) -> Any:
+    return RedisState(redis_url) if redis_url else DatabaseState()
+
+
+def shared_state() -> SharedState:
+    """The process's shared-state backend: Redis when REDIS_URL is set, else the database."""
+    state: SharedState = _state_for(settings.REDIS_URL)
+    return state
