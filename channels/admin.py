@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 from django.utils.html import format_html
 
 from channels.models import ENDPOINTS, Channel, split_names
+from channels.services import channel_test
+from gateway.shared import CircuitView, shared_state
 from openopen8.admin import EnableDisableAdmin
+
+_page = threading.local()
 
 
 class ChannelForm(forms.ModelForm):
@@ -22,7 +30,8 @@ class ChannelForm(forms.ModelForm):
     class Meta:
         model = Channel
         fields = ["name", "kind", "base_url", "api_key", "served_models", "model_map", "endpoints", "priority",
-                  "weight", "enabled", "timeout", "config"]
+                  "weight", "enabled", "timeout", "connect_timeout", "safe_to_retry", "images_per_minute",
+                  "max_in_flight", "config"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,10 +54,58 @@ class ChannelForm(forms.ModelForm):
 class ChannelAdmin(EnableDisableAdmin):
     form = ChannelForm
     list_display = ["name", "kind", "served_models", "endpoints", "priority", "weight", "enabled", "key", "status",
-                    "last_used_at", "last_latency_ms"]
+                    "circuit", "last_used_at", "last_latency_ms", "last_test"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "served_models", "base_url"]
-    readonly_fields = ["last_error", "last_error_at", "last_used_at", "last_latency_ms", "created_at"]
+    readonly_fields = ["disabled_reason", "set_aside_keys", "last_error", "last_error_at", "last_used_at",
+                       "last_latency_ms", "last_test_at", "last_test_ok", "last_test_message", "last_test_latency_ms",
+                       "created_at"]
+    actions = ["enable", "disable", "test_probe", "test_generation"]
+    reset_on_enable = {"disabled_keys": {}, "disabled_reason": ""}
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        # One read of the shared state for the whole page, not one per row; per thread, as the admin is shared.
+        _page.circuits = shared_state().circuits(list(Channel.objects.values_list("pk", flat=True)))
+        _page.now = time.time()
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="circuit")
+    def circuit(self, channel: Channel) -> str:
+        now = getattr(_page, "now", time.time())
+        view = getattr(_page, "circuits", {}).get(channel.pk, CircuitView())
+        state = view.state(now)
+        if state == "closed":
+            return "closed" if not view.failures else f"closed ({view.failures} recent fault(s))"
+        if state == "open":
+            return format_html('<span style="color:#ba2121">open for {} s more</span>',
+                               int((view.open_until or 0) - now))
+        return format_html('<span style="color:#b07a00">{}</span>', "half-open: next request probes")
+
+    @admin.display(description="set-aside keys")
+    def set_aside_keys(self, channel: Channel) -> str:
+        return "; ".join(f"{fp[:8]}: {v.get('reason', '')}" for fp, v in channel.disabled_keys.items()) or "none"
+
+    @admin.display(description="last test")
+    def last_test(self, channel: Channel) -> str:
+        if channel.last_test_at is None:
+            return "never"
+        color = "#2a7d2a" if channel.last_test_ok else "#ba2121"
+        return format_html('<span style="color:{}" title="{}">{} ({} ms)</span>', color, channel.last_test_message,
+                           "ok" if channel.last_test_ok else "failed", channel.last_test_latency_ms)
+
+    def _test(self, request: HttpRequest, queryset: QuerySet[Channel], *, real: bool) -> None:
+        for channel in queryset:
+            ok, message = channel_test(channel, real=real)
+            self.message_user(request, f"{channel.name}: {'ok' if ok else 'FAILED'}: {message}",
+                              messages.SUCCESS if ok else messages.ERROR)
+
+    @admin.action(description="Test selected channels (cheap probe, no image)")
+    def test_probe(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
+        self._test(request, queryset, real=False)
+
+    @admin.action(description="Test selected channels with one real smallest-size image (the provider bills it)")
+    def test_generation(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
+        self._test(request, queryset, real=True)
 
     @admin.display(description="API key")
     def key(self, channel: Channel) -> str:
@@ -57,7 +114,8 @@ class ChannelAdmin(EnableDisableAdmin):
     @admin.display(description="status")
     def status(self, channel: Channel) -> str:
         if not channel.enabled:
-            return format_html('<span style="color:#888">disabled</span>')
+            return format_html('<span style="color:#888" title="{}">disabled{}</span>', channel.disabled_reason,
+                               ": " + channel.disabled_reason[:60] if channel.disabled_reason else "")
         if channel.last_error:
             return format_html('<span style="color:#ba2121" title="{}">failing: {}</span>', channel.last_error,
                                channel.last_error[:60])

@@ -133,15 +133,17 @@ class Channel(models.Model):
         if errors:
             raise ValidationError(errors)
 
-    def to_target(self) -> ChannelTarget | None:
-        """The frozen value adapters get, with one usable key chosen in turn; ``None`` when every key is set aside.
-        Raises ``ValueError`` if the stored config no longer parses."""
+    def to_target(self, *, key: str | None = None) -> ChannelTarget | None:
+        """The frozen value adapters get, with ``key`` or else one usable key chosen in turn; ``None`` when every
+        key is set aside. Raises ``ValueError`` if the stored config no longer parses."""
         adapter = get_adapter(self.kind)
         keys = self.usable_keys()
-        if self.keys() and not keys:
+        if key is None and self.keys() and not keys:
             return None
+        if key is None:
+            key = keys[next(_turn) % len(keys)] if keys else ""
         return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url,
-                             api_key=keys[next(_turn) % len(keys)] if keys else "", spare_keys=len(keys) - 1,
+                             api_key=key, spare_keys=max(len(keys) - 1, 0),
                              connect_timeout=self.connect_timeout, safe_to_retry=self.safe_to_retry,
                              images_per_minute=self.images_per_minute, max_in_flight=self.max_in_flight,
                              config=adapter.parse_config(self.config or {}), model_map=self.model_map,

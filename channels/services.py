@@ -1,6 +1,8 @@
-"""Channel writes that the request path and the admin share: setting a rejected key aside."""
+"""Channel operations outside a client request's translation: setting a rejected key aside, testing a channel."""
 
 from __future__ import annotations
+
+import time
 
 from django.db import transaction
 from django.utils import timezone
@@ -21,3 +23,60 @@ def channel_key_reject(channel_id: int, *, key: str, reason: str) -> ChannelTarg
             channel.disabled_reason = f"The provider rejected {'every key' if key else 'the request'}: {reason[:300]}"
         channel.save(update_fields=["disabled_keys", "enabled", "disabled_reason"])
     return channel.to_target() if channel.enabled else None
+
+
+TEST_PROMPT = "A small red circle on a white background."
+
+
+def _smallest_size(model: str) -> str | None:
+    from gateway.rules import rule_for
+
+    rule = rule_for(model)
+    sizes = [s for s in (rule or {}).get("sizes", []) if "x" in s]
+    return min(sizes, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1])) if sizes else None
+
+
+def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
+    """Probe a channel, each of its keys in turn: a cheap request (the provider's model list, no image), or with
+    ``real`` one smallest-size image. Records the result and latency on the channel; returns (ok, message)."""
+    from channels import adapters
+    from gateway.errors import GatewayError, mask_secrets
+    from gateway.rules import check_request
+
+    started = time.monotonic()
+    adapter, results, ok = adapters.get_adapter(channel.kind), [], True
+    keys = channel.keys() or [""]
+    model = next((m for m in [*channel.model_names(), *channel.model_map] if m != "*"), None)
+    for key in keys:
+        target = channel.to_target(key=key)
+        assert target is not None
+        label = f"key …{key[-4:]}" if len(key) > 8 else "no key" if not key else "key"
+        try:
+            if real:
+                if model is None:
+                    raise GatewayError("name a model in the channel's models to test a generation")
+                fields = {"model": model, "prompt": TEST_PROMPT, "n": 1, "response_format": "b64_json"}
+                size = _smallest_size(model)
+                if size:
+                    fields["size"] = size
+                result, latency = adapters.call(target, check_request(fields, endpoint="generations"),
+                                                timeout=target.timeout or 120)
+                results.append(f"{label}: {len(result.data)} image(s) from {model} in {latency} ms")
+            else:
+                probe = adapter.build_probe(target)
+                if probe is None:
+                    results.append(f"{label}: nothing to probe (no provider)")
+                    continue
+                resp = adapter.transport(probe, timeout=target.timeout or 30, connect_timeout=target.connect_timeout)
+                if resp.status >= 400:
+                    raise adapter.parse_error(resp, target)
+                results.append(f"{label}: answered in {resp.latency_ms} ms")
+        except GatewayError as error:
+            ok = False
+            results.append(f"{label}: {mask_secrets(error.message, key)}")
+    message = "; ".join(results)
+    latency_ms = int((time.monotonic() - started) * 1000)
+    Channel.objects.filter(pk=channel.pk).update(last_test_at=timezone.now(), last_test_ok=ok,
+                                                 last_test_message=message[:2000], last_test_latency_ms=latency_ms)
+    return ok, message
+

@@ -21,7 +21,7 @@ class ApiTokenForm(forms.ModelForm):
 
     class Meta:
         model = ApiToken
-        fields = ["name", "enabled", "expires_at", "budget", "allowed_models"]
+        fields = ["name", "enabled", "expires_at", "budget", "allowed_models", "requests_per_minute", "max_in_flight"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,8 +38,8 @@ class ApiTokenForm(forms.ModelForm):
 @admin.register(ApiToken)
 class ApiTokenAdmin(EnableDisableAdmin):
     form = ApiTokenForm
-    list_display = ["name", "key_display", "enabled", "budget_usd", "spent_usd", "allowed_models", "expires_at",
-                    "last_used_at", "created_at"]
+    list_display = ["name", "key_display", "enabled", "budget_usd", "spent_usd", "allowed_models",
+                    "requests_per_minute", "max_in_flight", "expires_at", "last_used_at", "created_at"]
     list_filter = ["enabled"]
     search_fields = ["name", "key_prefix"]
     readonly_fields = ["key_display", "spent_usd", "created_at", "last_used_at"]

@@ -13,9 +13,12 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """A model admin with ``enable``/``disable`` bulk actions, for a model with an ``enabled`` field."""
 
     actions = ["enable", "disable"]
+    # Other fields reset when an operator enables rows again.
+    reset_on_enable: dict[str, Any] = {}
 
     def _set_enabled(self, request: HttpRequest, queryset: QuerySet[Any], enabled: bool) -> None:
-        count, noun = queryset.update(enabled=enabled), queryset.model._meta.verbose_name_plural
+        changes = {"enabled": enabled, **(self.reset_on_enable if enabled else {})}
+        count, noun = queryset.update(**changes), queryset.model._meta.verbose_name_plural
         self.message_user(request, f"{count} {noun} {'enabled' if enabled else 'disabled'}.")
 
     @admin.action(description="Enable selected %(verbose_name_plural)s")

@@ -82,6 +82,11 @@ class Adapter:
         """OpenAI's shape from a 2xx answer. Raises ``UpstreamError`` (channel fault) on a malformed answer."""
         raise NotImplementedError
 
+    def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
+        """A cheap request that shows whether the provider is up and takes the key (no image made); ``None`` when
+        there is nothing to ask."""
+        return None
+
     def parse_error(self, resp: UpstreamResponse, target: ChannelTarget) -> GatewayError:
         """The error for a non-2xx answer (its message is masked of secrets by the caller). The default reads
         OpenAI's error shape."""

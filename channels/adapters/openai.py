@@ -57,6 +57,10 @@ class OpenAICompatibleAdapter(Adapter):
         form = {key: form_value(value) for key, value in body.items()}
         return UpstreamRequest("POST", url, headers, form=form, files=tuple(files))
 
+    def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        return UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/models", headers)
+
     def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
         body = resp.json()
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):

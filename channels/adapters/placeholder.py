@@ -68,6 +68,9 @@ class PlaceholderAdapter(OpenAICompatibleAdapter):
             raise ValueError(f"the placeholder takes no config, got keys: {', '.join(sorted(raw))}")
         return Config()
 
+    def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
+        return None
+
     def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
         if req.size and req.size != "auto":
             width, height = parse_size(req.size)

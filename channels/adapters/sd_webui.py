@@ -118,6 +118,11 @@ class SDWebUIAdapter(Adapter):
         return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/sdapi/v1/{route}", json=body,
                                auth=(user, password) if sep else None)
 
+    def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
+        user, sep, password = target.api_key.partition(":")
+        return UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/sdapi/v1/sd-models",
+                               auth=(user, password) if sep else None)
+
     def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
         body = resp.json()
         images = body.get("images") if isinstance(body, dict) else None
