@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 bind = os.environ.get("OPENOPEN8_BIND", "127.0.0.1:8000")
 worker_class = "gthread"
@@ -24,3 +27,26 @@ limit_request_line = 8190
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
+
+# Every worker writes its metrics here and /metrics sums them (prometheus_client's multiprocess mode).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                      str(Path(os.environ.get("OPENOPEN8_DATA_DIR", "data")).resolve() / "prometheus"))
+
+
+def on_starting(server: Any) -> None:
+    # Samples of a previous run's workers must not be summed into this one's.
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    # Each worker sweeps abandoned requests now and then; the sweep is safe to run on many workers at once.
+    from gateway.sweeper import start_sweeper
+
+    start_sweeper()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

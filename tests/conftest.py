@@ -26,3 +26,15 @@ def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Any
         with django_db_blocker.unblock(), connection.cursor() as cursor:
             cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_state(settings: Any) -> None:
+    """Circuit breakers and limits kept in Redis outlive a test's database rollback: start each test clean."""
+    if settings.REDIS_URL:
+        from gateway.shared import shared_state
+
+        client = shared_state().redis  # type: ignore[attr-defined]
+        keys = list(client.scan_iter("oo8:*"))
+        if keys:
+            client.delete(*keys)

@@ -12,6 +12,8 @@ import base64
 import email.policy
 import io
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -63,9 +65,11 @@ class Part:
 @dataclass
 class Scripted:
     status: int
-    body: Body | Callable[[Recorded], Body]
+    body: Body | Callable[[Recorded], Any]
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # "reset": drop the connection without answering; "cut": send the headers and half the body, then reset.
+    fault: str | None = None
 
 
 class _CaseInsensitive(dict[str, str]):
@@ -87,15 +91,16 @@ class FakeUpstream:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def respond(self, status: int, body: Body | Callable[[Recorded], Body], *, headers: dict[str, str] | None = None,
-                delay: float = 0.0) -> None:
-        """Answer every request from now on like this (after any queued answers)."""
-        self._default = Scripted(status, body, headers or {}, delay)
+    def respond(self, status: int, body: Body | Callable[[Recorded], Any], *, headers: dict[str, str] | None = None,
+                delay: float = 0.0, fault: str | None = None) -> None:
+        """Answer every request from now on like this (after any queued answers). A callable body gets the
+        request and returns the body, or a (status, body) pair."""
+        self._default = Scripted(status, body, headers or {}, delay, fault)
 
-    def queue(self, status: int, body: Body | Callable[[Recorded], Body], *, headers: dict[str, str] | None = None,
-              delay: float = 0.0) -> None:
+    def queue(self, status: int, body: Body | Callable[[Recorded], Any], *, headers: dict[str, str] | None = None,
+              delay: float = 0.0, fault: str | None = None) -> None:
         """Answer the next request like this, once."""
-        self._queue.append(Scripted(status, body, headers or {}, delay))
+        self._queue.append(Scripted(status, body, headers or {}, delay, fault))
 
     def serve_file(self, path: str, data: bytes, content_type: str = "image/png") -> str:
         """Serve ``data`` on GET ``path`` (as a provider's image URL); return the full URL."""
@@ -143,27 +148,46 @@ class FakeUpstream:
                     pass
 
             def do_GET(self) -> None:
-                self._record()
                 if self.path in fake.files:
+                    self._record()
                     data, content_type = fake.files[self.path]
                     self._send(200, data, {"Content-Type": content_type})
                 else:
-                    self._send(404, b"not found", {"Content-Type": "text/plain"})
+                    self.do_POST()
+
+            def _reset(self) -> None:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
 
             def do_POST(self) -> None:
                 rec = self._record()
                 script = fake._next()
                 if script.delay:
                     time.sleep(script.delay)
-                body = script.body(rec) if callable(script.body) else script.body
+                status, body = script.status, script.body(rec) if callable(script.body) else script.body
+                if isinstance(body, tuple):
+                    status, body = body
                 headers = {"Content-Type": "application/json", **script.headers}
                 if isinstance(body, (dict, list)):
                     body = json.dumps(body)
                 if isinstance(body, str):
                     body = body.encode()
                 try:
-                    self._send(script.status, body, headers)
-                except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                    if script.fault == "reset":
+                        self._reset()
+                    elif script.fault == "cut":
+                        self.send_response(status)
+                        for name, value in headers.items():
+                            self.send_header(name, value)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
+                        self._reset()
+                    else:
+                        self._send(status, body, headers)
+                except OSError:  # the client went away, or the fault closed the socket
                     pass
 
         return Handler
