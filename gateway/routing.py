@@ -101,13 +101,15 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
     """The client's images from the first channel that delivers them.
 
     Raises the client's error as soon as a provider blames the request; ``UpstreamError``/``UpstreamTimeout``/
-    ``ServiceUnavailable`` when every channel failed; ``ServiceUnavailable`` with ``Retry-After`` when every channel
-    is cooling down or at its limits; ``UpstreamTimeout`` when the deadline (monotonic) passes.
+    ``ServiceUnavailable`` when every channel failed; ``RateLimited`` (429) with ``Retry-After`` when the channels
+    are at their limits, ``ServiceUnavailable`` (503) with ``Retry-After`` when they are cooling down after faults;
+    ``UpstreamTimeout`` when the deadline (monotonic) passes.
     """
     state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
     circuits = state.circuits([t.id for t in targets])
     now = time.time()
     waits = [v.open_until - now for v in circuits.values() if v.state(now) == "open" and v.open_until]
+    limit_waits: list[float] = []
     ready = [t for t in targets if circuits.get(t.id, CLOSED).state(now) != "open"]
     queue = dispatch.plan_attempts(ready, rng=_rng, max_attempts=len(ready))
     tried, last_error = 0, None
@@ -123,7 +125,7 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
             continue  # another request is probing this channel
         with channel_slot(state, target, req.n) as wait:
             if wait is not None:
-                waits.append(wait)
+                limit_waits.append(wait)
                 continue
             tried += 1
             started = time.monotonic()
@@ -149,5 +151,8 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
         return result
     if last_error is not None:
         raise _all_failed(req, tried, last_error)
-    raise ServiceUnavailable(f"Every channel for model '{req.model}' is cooling down after failures or at its "
-                             "limits; try again shortly.", retry_after=max(1, math.ceil(min(waits, default=1))))
+    if limit_waits:
+        raise RateLimited(f"Every channel for model '{req.model}' is at its rate or concurrency limit; try again "
+                          "shortly.", retry_after=max(1, math.ceil(min(limit_waits))))
+    raise ServiceUnavailable(f"Every channel for model '{req.model}' is cooling down after failures; try again "
+                             "shortly.", retry_after=max(1, math.ceil(min(waits, default=1))))

@@ -141,7 +141,7 @@ class LimitTests(ApiTestCase):
             self.generate({"model": "dall-e-2", "prompt": "a", "n": 2})  # 4 > 3: not sent to the capped channel
             self.assertEqual((len(capped.requests), len(other.requests)), (1, 0))
             only_capped = self.generate({"model": "dall-e-2", "prompt": "a", "n": 2})
-            assert_openai_error(only_capped, 503, "server_error", "service_unavailable")
+            assert_openai_error(only_capped, 429, "requests", "rate_limit_exceeded")
             self.assertIn("Retry-After", only_capped)
             make_channel(base_url=other.url, priority=0)
             self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a", "n": 2}).status_code, 200)
@@ -171,7 +171,7 @@ class ConcurrencyLimitTests(LiveServerTestCase):
             running.join()
         self.assertEqual(first[0][0], 200)
         self.assertEqual((same_token[0][0], same_token[0][1]["error"]["code"]), (429, "rate_limit_exceeded"))
-        self.assertEqual((channel_full[0][0], channel_full[0][1]["error"]["code"]), (503, "service_unavailable"))
+        self.assertEqual((channel_full[0][0], channel_full[0][1]["error"]["code"]), (429, "rate_limit_exceeded"))
         self.assertEqual(len(slow.requests), 1)
 
 
