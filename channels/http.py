@@ -234,14 +234,15 @@ def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None 
                             latency)
 
 
-def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes]) -> None:
+def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = True) -> None:
     """Download an image URL into ``into``: http(s) only, with a timeout and a size cap, refusing private, loopback
-    and link-local addresses unless OPENOPEN8_ALLOW_PRIVATE_URLS is on.
+    and link-local addresses unless OPENOPEN8_ALLOW_PRIVATE_URLS is on (``guarded=False``: a URL on a channel's own
+    host, which the operator configured).
 
     Raises ``UpstreamError``/``UpstreamTimeout`` (marked as channel faults; callers fetching a client's URL turn them
     into the client's error).
     """
-    resp, _latency = _exchange("GET", url, timeout=timeout, max_bytes=max_bytes, into=into, guarded=True)
+    resp, _latency = _exchange("GET", url, timeout=timeout, max_bytes=max_bytes, into=into, guarded=guarded)
     if resp.status_code != 200:
         raise UpstreamError(f"The image could not be downloaded (HTTP {resp.status_code}).", channel_fault=True,
                             retryable=True)

@@ -70,9 +70,10 @@ def images_purge(*, now: float | None = None) -> int:
     return deleted
 
 
-def _download(url: str, *, timeout: float) -> bytes:
+def _download(url: str, *, timeout: float, trusted: str) -> bytes:
     buffer = io.BytesIO()
-    http.fetch(url, timeout=timeout, max_bytes=settings.OPENOPEN8_MAX_IMAGE_BYTES, into=buffer)
+    own_host = bool(trusted) and url.startswith(trusted.rstrip("/") + "/")
+    http.fetch(url, timeout=timeout, max_bytes=settings.OPENOPEN8_MAX_IMAGE_BYTES, into=buffer, guarded=not own_host)
     return buffer.getvalue()
 
 
@@ -84,11 +85,12 @@ def _decode(b64: str) -> bytes:
                             retryable=True) from None
 
 
-def images_deliver(result: ImagesResponse, *, response_format: str, files_url: str, ttl: int,
-                   timeout: float) -> ImagesResponse:
+def images_deliver(result: ImagesResponse, *, response_format: str, files_url: str, ttl: int, timeout: float,
+                   trusted: str = "") -> ImagesResponse:
     """The client's answer: every image as a gateway URL (``url``) or as base64 (``b64_json``).
 
-    Provider URLs are downloaded (with a timeout and size cap) and never shown to the client. Raises
+    Provider URLs are downloaded (with a timeout and size cap; on private addresses only under ``trusted``, the
+    channel's own base URL, or where the operator allows it) and never shown to the client. Raises
     ``UpstreamError``/``UpstreamTimeout`` (channel faults) when an image cannot be had.
     """
     delivered = []
@@ -96,13 +98,13 @@ def images_deliver(result: ImagesResponse, *, response_format: str, files_url: s
         if response_format == "b64_json":
             b64 = image.b64_json
             if b64 is None:
-                b64 = base64.b64encode(_download(str(image.url), timeout=timeout)).decode()
+                b64 = base64.b64encode(_download(str(image.url), timeout=timeout, trusted=trusted)).decode()
             delivered.append(ImageData(b64_json=b64, revised_prompt=image.revised_prompt))
         else:
             if image.b64_json is not None:
                 data = _decode(image.b64_json)
             else:
-                data = _download(str(image.url), timeout=timeout)
+                data = _download(str(image.url), timeout=timeout, trusted=trusted)
             name = image_store(data, ttl=ttl)
             delivered.append(ImageData(url=f"{files_url}{name}", revised_prompt=image.revised_prompt))
     return ImagesResponse(created=result.created, data=delivered, extra=result.extra)

@@ -79,7 +79,7 @@ def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
         raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)
     result = ImagesResponse(result.created, result.data[: req.n], result.extra)
     delivered = images_deliver(result, response_format=req.response_format, files_url=files_url,
-                               ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout)
+                               ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout, trusted=target.base_url)
     return delivered, provider_ms
 
 

@@ -1,22 +1,38 @@
-"""The adapter registry: one line per provider. ``Channel.kind`` choices come from it."""
+"""The adapter registry: one line per provider. ``Channel.kind`` choices come from it.
+
+``call`` drives an adapter: it sends what the adapter built, follows ``Poll`` steps of asynchronous providers with
+backoff until the call's deadline, and splits ``n`` into parallel calls for providers that make fewer images a call.
+"""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import cache
 from urllib.parse import urlsplit
 
 from django.utils.module_loading import import_string
 
 from channels.adapters.base import Adapter, ChannelTarget
-from gateway.errors import mask_secrets
+from gateway.errors import GatewayError, UpstreamTimeout, mask_secrets
 from gateway.schemas import ImageRequest, ImagesResponse
 
 ADAPTERS: dict[str, tuple[str, str]] = {
     "openai": ("OpenAI-compatible", "channels.adapters.openai.OpenAICompatibleAdapter"),
+    "azure": ("Azure OpenAI", "channels.adapters.azure.AzureAdapter"),
+    "stability": ("Stability AI", "channels.adapters.stability.StabilityAdapter"),
+    "ark": ("Volcengine Ark (Seedream)", "channels.adapters.ark.ArkAdapter"),
+    "dashscope": ("Alibaba DashScope (Wan, Qwen-Image)", "channels.adapters.dashscope.DashScopeAdapter"),
+    "gemini": ("Google Gemini and Imagen", "channels.adapters.gemini.GeminiAdapter"),
+    "replicate": ("Replicate", "channels.adapters.replicate.ReplicateAdapter"),
+    "comfyui": ("ComfyUI", "channels.adapters.comfyui.ComfyUIAdapter"),
     "sd-webui": ("Stable Diffusion web UI (AUTOMATIC1111 / Forge)", "channels.adapters.sd_webui.SDWebUIAdapter"),
     "placeholder": ("Placeholder (demo and tests; no real images)", "channels.adapters.placeholder.PlaceholderAdapter"),
 }
 KIND_CHOICES = [(kind, label) for kind, (label, _path) in ADAPTERS.items()]
+MAX_PARALLEL_CALLS = 4
+MAX_POLL_WAIT = 5.0
 
 
 @cache
@@ -26,17 +42,53 @@ def get_adapter(kind: str) -> Adapter:
     return adapter
 
 
+def _one_call(adapter: Adapter, target: ChannelTarget, req: ImageRequest, *,
+              timeout: float) -> tuple[ImagesResponse, int]:
+    deadline, polls = time.monotonic() + timeout, 0
+    upstream, latency, left = adapter.build_request(req, target), 0, timeout
+    while True:
+        resp = adapter.transport(upstream, timeout=left, connect_timeout=target.connect_timeout)
+        latency += resp.latency_ms
+        if resp.status >= 400:
+            error = adapter.parse_error(resp, target)
+            # Provider messages reach clients and logs: never with our key or the provider's address in them.
+            error.message = mask_secrets(error.message, target.api_key, urlsplit(target.base_url).netloc)
+            raise error
+        result = adapter.parse_response(resp, req, target)
+        if isinstance(result, ImagesResponse):
+            return result, latency
+        wait = min(result.after * 2 ** (polls // 3), max(result.after, MAX_POLL_WAIT))
+        if time.monotonic() + wait >= deadline:
+            # The task may still finish at the provider; the client is not charged for it.
+            raise UpstreamTimeout(f"The provider's task did not finish within {timeout:g} s.", channel_fault=True,
+                                  ambiguous=True)
+        time.sleep(wait)
+        polls += 1
+        upstream, left = result.request, max(deadline - time.monotonic(), 0.1)
+
+
 def call(target: ChannelTarget, req: ImageRequest, *, timeout: float) -> tuple[ImagesResponse, int]:
     """Send ``req`` to one channel; return OpenAI's shape and the provider's latency in ms.
 
-    Raises a ``GatewayError``: the adapter's reading of a provider error, or the transport's for a network fault.
+    Raises a ``GatewayError``: the adapter's reading of a provider error, the transport's for a network fault, or
+    ``UpstreamTimeout`` when an asynchronous task outlives ``timeout``. When ``n`` takes several calls and only some
+    succeed, the images they made are returned (fewer than asked, charged as delivered).
     """
     adapter = get_adapter(target.kind)
-    upstream = adapter.build_request(req, target)
-    resp = adapter.transport(upstream, timeout=timeout, connect_timeout=target.connect_timeout)
-    if resp.status >= 400:
-        error = adapter.parse_error(resp, target)
-        # Provider messages reach clients and logs: never with our key or the provider's address in them.
-        error.message = mask_secrets(error.message, target.api_key, urlsplit(target.base_url).netloc)
-        raise error
-    return adapter.parse_response(resp, req), resp.latency_ms
+    per_call = max(1, adapter.images_per_call(req, target))
+    if req.n <= per_call:
+        return _one_call(adapter, target, req, timeout=timeout)
+    sizes = [min(per_call, req.n - done) for done in range(0, req.n, per_call)]
+    with ThreadPoolExecutor(max_workers=min(len(sizes), MAX_PARALLEL_CALLS)) as pool:
+        futures = [pool.submit(_one_call, adapter, target, replace(req, n=size), timeout=timeout) for size in sizes]
+    results, errors = [], []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except GatewayError as error:
+            errors.append(error)
+    if not results:
+        raise errors[0]
+    first = results[0][0]
+    data = [image for result, _ in results for image in result.data]
+    return ImagesResponse(first.created, data, first.extra), max(latency for _, latency in results)

@@ -51,6 +51,14 @@ class ChannelTarget:
         return self.model_map.get(model, model)
 
 
+@dataclass(frozen=True)
+class Poll:
+    """Not done yet: send ``request`` after ``after`` seconds (more as polls go on) and parse its answer again."""
+
+    request: UpstreamRequest
+    after: float = 1.0
+
+
 def retry_after(resp: UpstreamResponse) -> int | None:
     value = resp.headers.get("retry-after", "")
     return int(float(value)) if value.replace(".", "", 1).isdigit() else None
@@ -78,9 +86,15 @@ class Adapter:
         """The provider request for ``req`` on ``target``. Raises ``InvalidRequest`` if it cannot be expressed."""
         raise NotImplementedError
 
-    def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
-        """OpenAI's shape from a 2xx answer. Raises ``UpstreamError`` (channel fault) on a malformed answer."""
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest,
+                       target: ChannelTarget) -> ImagesResponse | Poll:
+        """OpenAI's shape from a 2xx answer, or, for a provider that works asynchronously, the next request to send
+        (``Poll``). Raises ``UpstreamError`` (channel fault) on a malformed answer."""
         raise NotImplementedError
+
+    def images_per_call(self, req: ImageRequest, target: ChannelTarget) -> int:
+        """How many images one provider call can make; the gateway makes parallel calls for the rest of ``n``."""
+        return 10
 
     def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
         """A cheap request that shows whether the provider is up and takes the key (no image made); ``None`` when
@@ -101,7 +115,8 @@ class Adapter:
         return classify(resp, message, code=error.get("code"), param=error.get("param"), kind=error.get("type"))
 
 
-REFUSAL_CODES = {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter"}
+REFUSAL_CODES = {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter",
+                 "ResponsibleAIPolicyViolation", "content_moderation", "DataInspectionFailed", "IPInfringementSuspect"}
 
 
 def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: Any = None,
@@ -109,7 +124,8 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
     """Map a provider's status and error code to the gateway's error: refusals and bad requests are the client's,
     key rejections, rate limits and server errors are the channel's."""
     status = resp.status
-    if code in REFUSAL_CODES or kind == "image_generation_user_error":
+    refused = code in REFUSAL_CODES or str(code).endswith("SensitiveContentDetected")
+    if refused or kind == "image_generation_user_error":
         return ContentPolicyViolation(message, param=param if isinstance(param, str) else None)
     if status in (401, 403):
         return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {status}): {message}",

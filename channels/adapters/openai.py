@@ -61,7 +61,8 @@ class OpenAICompatibleAdapter(Adapter):
         headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
         return UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/models", headers)
 
-    def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest,
+                       target: ChannelTarget) -> ImagesResponse:
         body = resp.json()
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             raise malformed("no data list")

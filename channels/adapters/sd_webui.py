@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from PIL import Image
-
 from channels.adapters.base import Adapter, ChannelTarget, classify
+from channels.adapters.convert import white_repaint_mask
 from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
@@ -37,15 +35,6 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
     if not (width.isdigit() and height.isdigit() and 64 <= int(width) <= 8192 and 64 <= int(height) <= 8192):
         raise InvalidRequest(f"Invalid size '{size}': expected WIDTHxHEIGHT in pixels, 64 to 8192 each.", param=param)
     return int(width), int(height)
-
-
-def a1111_mask(openai_mask: bytes) -> bytes:
-    """OpenAI's mask (transparent = repaint) as the web UI's (white = repaint, black = keep), a grayscale PNG."""
-    with Image.open(io.BytesIO(openai_mask)) as mask:
-        alpha = mask.convert("RGBA").getchannel("A")
-    out = io.BytesIO()
-    alpha.point(lambda a: 255 if a == 0 else 0).save(out, "PNG")
-    return out.getvalue()
 
 
 class SDWebUIAdapter(Adapter):
@@ -112,7 +101,7 @@ class SDWebUIAdapter(Adapter):
             body.update(init_images=[base64.b64encode(req.images[0].read()).decode()], resize_mode=0,
                         denoising_strength=config.denoising_strength)
         if req.mask is not None:
-            body.update(mask=base64.b64encode(a1111_mask(req.mask.read())).decode(), mask_blur=config.mask_blur,
+            body.update(mask=base64.b64encode(white_repaint_mask(req.mask.read())).decode(), mask_blur=config.mask_blur,
                         inpainting_fill=1, inpaint_full_res=False, inpainting_mask_invert=0)
         user, sep, password = target.api_key.partition(":")
         return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/sdapi/v1/{route}", json=body,
@@ -123,7 +112,8 @@ class SDWebUIAdapter(Adapter):
         return UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/sdapi/v1/sd-models",
                                auth=(user, password) if sep else None)
 
-    def parse_response(self, resp: UpstreamResponse, req: ImageRequest) -> ImagesResponse:
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest,
+                       target: ChannelTarget) -> ImagesResponse:
         body = resp.json()
         images = body.get("images") if isinstance(body, dict) else None
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):

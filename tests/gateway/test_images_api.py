@@ -100,17 +100,25 @@ class ImagesApiTests(ApiTestCase):
         error = assert_openai_error(r, 502, "server_error", "upstream_error")
         self.assertIn("1000-byte cap", error["message"])
 
-    def test_a_provider_url_on_a_private_address_is_not_fetched_unless_allowed(self) -> None:
-        with FakeUpstream() as up:
-            url = up.serve_file("/img/0.png", png_bytes())
+    def test_a_provider_url_on_another_private_address_is_not_fetched_unless_allowed(self) -> None:
+        with FakeUpstream() as up, FakeUpstream() as elsewhere:
+            url = elsewhere.serve_file("/img/0.png", png_bytes())
             up.respond(200, {"created": 1, "data": [{"url": url}]})
             make_channel(base_url=up.url)
             r = self.generate({"model": "dall-e-2", "prompt": "a cat"})
             error = assert_openai_error(r, 502, "server_error", "upstream_error")
             self.assertIn("private or local address", error["message"])
-            self.assertEqual([q.method for q in up.requests], ["POST"])  # the image URL was never requested
+            self.assertEqual(elsewhere.requests, [])  # the image URL was never requested
             with override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True):
                 self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a cat"}).status_code, 200)
+
+    def test_a_url_on_the_channels_own_host_is_fetched_as_the_operator_configured_it(self) -> None:
+        with FakeUpstream() as up:
+            url = up.serve_file("/img/0.png", png_bytes())
+            up.respond(200, {"created": 1, "data": [{"url": url}]})
+            make_channel(base_url=up.url)
+            r = self.generate({"model": "dall-e-2", "prompt": "a cat", "response_format": "b64_json"})
+        self.assertEqual(base64.b64decode(r.json()["data"][0]["b64_json"]), png_bytes())
 
     def test_it_passes_base64_through_when_both_sides_speak_it(self) -> None:
         with FakeUpstream() as up:

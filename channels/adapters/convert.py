@@ -1,0 +1,57 @@
+"""Translations several adapters share: sizes to aspect ratios, images to data URLs, OpenAI masks to white-repaint
+masks. Pure functions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+from PIL import Image
+
+from gateway.schemas import ImageInput
+
+
+def dimensions(size: str | None) -> tuple[int, int] | None:
+    """``(width, height)`` for a ``WxH`` size; ``None`` for ``auto``, no size or anything else."""
+    width, _, height = (size or "").partition("x")
+    return (int(width), int(height)) if width.isdigit() and height.isdigit() and int(width) and int(height) else None
+
+
+def nearest_ratio(size: str | None, ratios: list[str]) -> str | None:
+    """The supported ``W:H`` ratio closest to ``size`` (by log distance); ``None`` when the size says nothing."""
+    wh = dimensions(size)
+    if wh is None:
+        return None
+    target = math.log(wh[0] / wh[1])
+
+    def distance(ratio: str) -> float:
+        w, h = ratio.split(":")
+        return abs(math.log(float(w) / float(h)) - target)
+
+    return min(ratios, key=distance)
+
+
+def data_url(image: ImageInput) -> str:
+    return f"data:{image.content_type};base64,{base64.b64encode(image.read()).decode()}"
+
+
+def white_repaint_mask(openai_mask: bytes) -> bytes:
+    """OpenAI's mask (transparent = repaint) as a grayscale PNG where white = repaint and black = keep."""
+    with Image.open(io.BytesIO(openai_mask)) as mask:
+        alpha = mask.convert("RGBA").getchannel("A")
+    out = io.BytesIO()
+    alpha.point(lambda a: 255 if a == 0 else 0).save(out, "PNG")
+    return out.getvalue()
+
+
+def with_mask_as_alpha(image: ImageInput, mask: ImageInput | None) -> bytes:
+    """The image as a PNG whose alpha is the mask's (transparent = repaint), for providers that read the alpha."""
+    with Image.open(io.BytesIO(image.read())) as source:
+        merged = source.convert("RGBA")
+    if mask is not None:
+        with Image.open(io.BytesIO(mask.read())) as m:
+            merged.putalpha(m.convert("RGBA").getchannel("A"))
+    out = io.BytesIO()
+    merged.save(out, "PNG")
+    return out.getvalue()
