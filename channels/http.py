@@ -54,6 +54,7 @@ class UpstreamResponse:
     headers: dict[str, str]
     content: bytes
     latency_ms: int = 0
+    url: str = ""  # the request's, for providers whose answer must be asked for again
 
     def json(self) -> Any:
         """The body as JSON; raises ``UpstreamError`` (a channel fault) when it is not JSON."""
@@ -231,7 +232,7 @@ def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None 
                               auth=req.auth, allow_redirects=False, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES,
                               into=buffer, connect_timeout=connect_timeout)
     return UpstreamResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
-                            latency)
+                            latency, req.url)
 
 
 def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = True) -> None:

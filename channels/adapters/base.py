@@ -126,7 +126,7 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
     status = resp.status
     refused = code in REFUSAL_CODES or str(code).endswith("SensitiveContentDetected")
     if refused or kind == "image_generation_user_error":
-        return ContentPolicyViolation(message, param=param if isinstance(param, str) else None)
+        return ContentPolicyViolation(message, param=param if isinstance(param, str) and param else None)
     if status in (401, 403):
         return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {status}): {message}",
                                    channel_fault=True)
@@ -136,6 +136,6 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
     if status == 408 or status >= 500:
         return UpstreamError(f"The provider failed (HTTP {status}).", channel_fault=True, retryable=True)
     if status in (400, 413, 415, 422):
-        return InvalidRequest(message, param=param if isinstance(param, str) else None,
+        return InvalidRequest(message, param=param if isinstance(param, str) and param else None,
                               code=code if isinstance(code, str) else None)
     return UpstreamError(f"The provider answered HTTP {status}.", channel_fault=True)

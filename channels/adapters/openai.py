@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget
 from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
@@ -63,16 +64,20 @@ class OpenAICompatibleAdapter(Adapter):
 
     def parse_response(self, resp: UpstreamResponse, req: ImageRequest,
                        target: ChannelTarget) -> ImagesResponse:
-        body = resp.json()
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise malformed("no data list")
-        images = []
-        for item in body["data"]:
-            if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in ("b64_json", "url")):
-                raise malformed("an image with neither url nor b64_json")
-            revised = item.get("revised_prompt")
-            images.append(ImageData(b64_json=item.get("b64_json"), url=item.get("url"),
-                                    revised_prompt=revised if isinstance(revised, str) else None))
-        created = body.get("created")
-        return ImagesResponse(created=created if isinstance(created, int) else int(time.time()), data=images,
-                              extra={k: body[k] for k in RESPONSE_PASSTHROUGH if k in body})
+        return images_from_body(resp.json())
+
+
+def images_from_body(body: Any) -> ImagesResponse:
+    """OpenAI's response shape read from a provider's JSON. Raises ``UpstreamError`` (channel fault) if malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise malformed("no data list")
+    images = []
+    for item in body["data"]:
+        if not isinstance(item, dict) or not any(isinstance(item.get(k), str) for k in ("b64_json", "url")):
+            raise malformed("an image with neither url nor b64_json")
+        revised = item.get("revised_prompt")
+        images.append(ImageData(b64_json=item.get("b64_json"), url=item.get("url"),
+                                revised_prompt=revised if isinstance(revised, str) else None))
+    created = body.get("created")
+    return ImagesResponse(created=created if isinstance(created, int) else int(time.time()), data=images,
+                          extra={k: body[k] for k in RESPONSE_PASSTHROUGH if k in body})

@@ -1,0 +1,78 @@
+"""Volcengine Ark (ByteDance Seedream, SeedEdit): an OpenAI-like ``/images/generations`` with Ark's own fields.
+
+The base URL ends in ``/api/v3``. Ark has no ``n`` (the gateway calls in parallel), takes reference images as data
+URLs in ``image`` (edits, no mask), sizes as ``WxH`` or a tier (``1K``/``2K``/``4K``), and passes ``watermark``,
+``seed``, ``guidance_scale`` and its other fields through. Its moderation codes are read as refusals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from channels.adapters.base import ChannelTarget
+from channels.adapters.convert import data_url, dimensions
+from channels.adapters.openai import OpenAICompatibleAdapter, images_from_body
+from channels.http import UpstreamRequest, UpstreamResponse
+from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+
+TIERS = ("1K", "2K", "4K")
+OPENAI_ONLY = ("n", "quality", "style", "background", "moderation", "output_compression", "user", "input_fidelity")
+
+
+@dataclass(frozen=True)
+class Config:
+    default_size: str = "2K"  # for size "auto" or none
+    hd_size: str = "4K"  # for quality hd/high with no size
+    watermark: bool | None = None  # None: the client's field, else Ark's default (a visible mark)
+    response_format: str | None = "b64_json"
+
+
+class ArkAdapter(OpenAICompatibleAdapter):
+    endpoints = frozenset({"generations", "edits"})
+    max_input_images = 14
+    file_fields = frozenset({"image"})
+
+    @staticmethod
+    def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
+        unknown = set(raw) - {"default_size", "hd_size", "watermark", "response_format"}
+        if unknown:
+            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        for key in ("default_size", "hd_size"):
+            if key in raw and raw[key] not in TIERS and dimensions(raw[key]) is None:
+                raise ValueError(f"{key} must be 1K, 2K, 4K or WIDTHxHEIGHT")
+        if raw.get("watermark") not in (None, True, False):
+            raise ValueError("watermark must be true or false")
+        if raw.get("response_format") not in (None, "url", "b64_json"):
+            raise ValueError("response_format must be url or b64_json")
+        return Config(**raw)
+
+    def images_per_call(self, req: ImageRequest, target: ChannelTarget) -> int:
+        return 1
+
+    def build_request(self, req: ImageRequest, target: ChannelTarget) -> UpstreamRequest:
+        config: Config = target.config
+        body = {k: v for k, v in req.fields.items() if k not in OPENAI_ONLY}
+        body["model"] = target.provider_model(req.model)
+        if dimensions(req.size) is None:
+            body["size"] = config.hd_size if req.quality in ("hd", "high") else config.default_size
+        body["response_format"] = config.response_format or req.response_format
+        if config.watermark is not None:
+            body["watermark"] = config.watermark
+        if req.images:
+            refs = [data_url(image) for image in req.images]
+            body["image"] = refs[0] if len(refs) == 1 else refs
+        headers = {"Authorization": f"Bearer {target.api_key}"}
+        return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/images/generations", headers, json=body)
+
+    def build_probe(self, target: ChannelTarget) -> UpstreamRequest | None:
+        return UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/models",
+                               {"Authorization": f"Bearer {target.api_key}"})
+
+    def parse_response(self, resp: UpstreamResponse, req: ImageRequest,
+                       target: ChannelTarget) -> ImagesResponse:
+        body = resp.json()
+        if isinstance(body, dict) and isinstance(body.get("data"), list):
+            # In group mode a failed image arrives as {"error": {...}} among the others: deliver the rest.
+            body["data"] = [item for item in body["data"] if not (isinstance(item, dict) and "error" in item)]
+            body.setdefault("created", body.get("created_at"))
+        parsed = images_from_body(body)
+        return ImagesResponse(parsed.created, parsed.data)  # Ark's usage is not OpenAI's: not passed on

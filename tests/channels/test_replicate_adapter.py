@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.test import override_settings
+
+from tests.base import ApiTestCase, assert_openai_error
+from tests.factories import make_channel, png_bytes
+from tests.fake_upstream import FakeUpstream, Recorded
+
+CONFIG = {"inputs": {"prompt": "prompt", "n": "num_outputs", "seed": "seed"}, "max_outputs": 4,
+          "static_input": {"output_format": "png"}, "poll_interval": 0.02}
+
+
+class Predictions:
+    """Replicate's predictions API: ``Prefer: wait`` answers at once when ``ready``, else after ``polls`` polls."""
+
+    def __init__(self, up: FakeUpstream, *, ready: bool, polls: int = 2, final: dict[str, Any] | None = None) -> None:
+        self.up, self.ready, self.polls, self.final = up, ready, polls, final
+        self.outputs = [up.serve_file(f"/files/out-{i}.png", png_bytes(3 + i, 3)) for i in range(4)]
+
+    def done(self, n: int) -> dict[str, Any]:
+        return self.final or {"id": "p1", "status": "succeeded", "output": self.outputs[:n]}
+
+    def __call__(self, request: Recorded) -> Any:
+        if request.method == "POST":
+            self.n = request.json()["input"].get("num_outputs", 1)
+            if self.ready:
+                return 201, self.done(self.n)
+            return 201, {"id": "p1", "status": "starting", "urls": {"get": f"{self.up.url}/v1/predictions/p1"}}
+        self.polls -= 1
+        return {"id": "p1", "status": "processing"} if self.polls > 0 else self.done(self.n)
+
+
+@override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)  # the fake's output URLs stand in for Replicate's file host
+class ReplicateAdapterTests(ApiTestCase):
+    def test_it_waits_for_a_prediction_with_the_models_own_inputs(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, Predictions(up, ready=True))
+            make_channel(kind="replicate", base_url=up.url + "/v1", api_key="r8_key_123456789", models="flux",
+                         model_map={"flux": "black-forest-labs/flux-schnell"}, config=CONFIG)
+            r = self.generate({"model": "flux", "prompt": "a lighthouse", "n": 3, "size": "1792x1024", "seed": 3,
+                               "response_format": "b64_json"})
+        self.assertEqual(r.status_code, 200, r.content)
+        self.assertEqual(len(r.json()["data"]), 3)
+        sent = up.requests[0]
+        self.assertEqual(sent.path, "/v1/models/black-forest-labs/flux-schnell/predictions")
+        self.assertEqual((sent.headers["Authorization"], sent.headers["Prefer"]),
+                         ("Bearer r8_key_123456789", "wait=60"))
+        self.assertEqual(sent.json(), {"input": {"output_format": "png", "prompt": "a lighthouse", "num_outputs": 3,
+                                                 "seed": 3, "aspect_ratio": "16:9"}})
+
+    def test_it_polls_a_prediction_that_is_not_done_and_versions_go_to_predictions(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, Predictions(up, ready=False, polls=3))
+            make_channel(kind="replicate", base_url=up.url + "/v1", models="sdxl",
+                         model_map={"sdxl": "stability-ai/sdxl:39ed52f2"}, config=CONFIG)
+            r = self.generate({"model": "sdxl", "prompt": "a lighthouse"})
+        self.assertEqual(r.status_code, 200, r.content)
+        self.assertEqual((up.requests[0].path, up.requests[0].json()["version"]), ("/v1/predictions", "39ed52f2"))
+        polls = [q.path for q in up.requests if q.method == "GET" and "predictions" in q.path]
+        self.assertEqual(polls, ["/v1/predictions/p1"] * 3)
+
+    def test_a_safety_failure_is_a_refusal_and_a_prediction_outliving_the_deadline_is_abandoned(self) -> None:
+        nsfw = {"id": "p1", "status": "failed", "error": "NSFW content detected. Try running it again."}
+        with FakeUpstream() as up:
+            up.respond(200, Predictions(up, ready=True, final=nsfw))
+            make_channel(kind="replicate", base_url=up.url, models="flux", config=CONFIG)
+            assert_openai_error(self.generate({"model": "flux", "prompt": "x"}), 400, "invalid_request_error",
+                                "content_policy_violation")
+        with FakeUpstream() as up:
+            up.respond(200, Predictions(up, ready=False, polls=10_000))
+            make_channel(kind="replicate", base_url=up.url, models="slow", config=CONFIG, timeout=0.3)
+            assert_openai_error(self.generate({"model": "slow", "prompt": "x"}), 504, "server_error",
+                                "upstream_timeout")
+
+    def test_its_config_is_checked(self) -> None:
+        from channels.adapters.replicate import ReplicateAdapter
+
+        for bad in ({"inputs": {"n": "num_outputs"}}, {"inputs": {"prompt": "p", "colour": "c"}}, {"wait": 90},
+                    {"size_as": "pixels"}):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                ReplicateAdapter.parse_config(bad)
