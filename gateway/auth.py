@@ -10,6 +10,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
+from gateway.cache import tokens_with_prefix
 from gateway.errors import NO_API_KEY
 from gateway.models import ApiToken, key_prefix
 
@@ -40,7 +41,7 @@ class BearerTokenAuthentication(BaseAuthentication):
         key = parts[1].decode("latin-1")
         token = None
         if key.startswith("sk-") and len(key) >= MIN_KEY_LENGTH:
-            token = next((t for t in ApiToken.objects.filter(key_prefix=key_prefix(key)) if t.matches(key)), None)
+            token = next((t for t in tokens_with_prefix(key_prefix(key)) if t.matches(key)), None)
         if token is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {_mask(key)}.")
         if not token.enabled:
@@ -50,6 +51,7 @@ class BearerTokenAuthentication(BaseAuthentication):
         now = timezone.now()
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > LAST_USED_RESOLUTION_S:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+            token.last_used_at = now  # the cached copy too, or every request would write it
         return token, token
 
     def authenticate_header(self, request: Request) -> str:

@@ -6,16 +6,15 @@ import logging
 from decimal import Decimal
 
 from channels.adapters.base import ChannelTarget
-from channels.models import Channel
-from gateway.models import Price
+from gateway.cache import enabled_channels, prices_for
 
 log = logging.getLogger(__name__)
 
 
 def channel_targets_for(*, model: str) -> list[ChannelTarget]:
-    """Enabled channels that serve ``model`` (by name, wildcard or mapping), as adapter targets. One query."""
+    """Enabled channels that serve ``model`` (by name, wildcard or mapping), as adapter targets. Cached."""
     targets = []
-    for channel in Channel.objects.filter(enabled=True):
+    for channel in enabled_channels():
         if not channel.serves(model):
             continue
         try:
@@ -29,17 +28,17 @@ def channel_targets_for(*, model: str) -> list[ChannelTarget]:
 
 
 def served_model_names() -> set[str]:
-    """Every model name an enabled channel lists or maps. One query."""
+    """Every model name an enabled channel lists or maps. Cached."""
     names: set[str] = set()
-    for channel in Channel.objects.filter(enabled=True):
+    for channel in enabled_channels():
         names.update(channel.model_names(), channel.model_map)
     return names
 
 
 def price_for(*, model: str, size: str | None, quality: str | None) -> Decimal:
-    """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. One query."""
+    """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. Cached."""
     best, best_score = Decimal(0), -1
-    for price in Price.objects.filter(model=model):
+    for price in prices_for(model):
         if price.size not in ("", size) or price.quality not in ("", quality):
             continue
         score = (price.size != "") * 2 + (price.quality != "")

@@ -8,6 +8,7 @@ breaker twice.
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ def cooldown(trips: int) -> float:
     return float(min(doubled, settings.OPENOPEN8_BREAKER_MAX_COOLDOWN))
 
 
+def new_version() -> int:
+    """A fresh configuration version: random rather than counted, so a version rolled back with its database (or a
+    restored backup) is never mistaken for a later one."""
+    return random.randrange(1, 2**31 - 1)
+
+
 class SharedState(Protocol):
     def window_add(self, key: str, amount: int, *, limit: int, window: int = 60) -> float | None:
         """Count ``amount`` in the current window if the total stays within ``limit``; return ``None`` when counted,
@@ -60,6 +67,11 @@ class SharedState(Protocol):
         """Count a channel fault; open the circuit at the threshold, or again (longer) when a probe failed."""
 
     def circuit_ok(self, channel_id: int) -> None: ...
+
+    def config_version(self) -> int:
+        """A number that moves whenever an operator changes tokens, channels or prices."""
+
+    def bump_config_version(self) -> None: ...
 
 
 class DatabaseState:
@@ -119,6 +131,15 @@ class DatabaseState:
 
     def circuit_ok(self, channel_id: int) -> None:
         Circuit.objects.filter(channel_id=channel_id).delete()
+
+    def config_version(self) -> int:
+        return next(iter(Counter.objects.filter(key="config", window=0).values_list("count", flat=True)), 0)
+
+    def bump_config_version(self) -> None:
+        try:
+            Counter.objects.update_or_create(key="config", window=0, defaults={"count": new_version()})
+        except IntegrityError:  # another process created the row at the same moment
+            Counter.objects.filter(key="config", window=0).update(count=new_version())
 
 
 WINDOW_ADD = """
@@ -206,6 +227,12 @@ class RedisState:
 
     def circuit_ok(self, channel_id: int) -> None:
         self.redis.delete(f"oo8:circuit:{channel_id}")
+
+    def config_version(self) -> int:
+        return int(self.redis.get("oo8:config-version") or 0)
+
+    def bump_config_version(self) -> None:
+        self.redis.set("oo8:config-version", new_version())
 
 
 @cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from django.conf import settings
@@ -35,12 +36,22 @@ def usage_describe(log: UsageLog, req: ImageRequest) -> None:
     log.quality, log.response_format = req.quality or "", req.response_format
 
 
+# When this process last wrote each channel's last-used columns: a busy channel is written once a second, not on
+# every request (the row would be a lock every request waits on).
+_last_written: dict[int, float] = {}
+WRITE_EVERY_S = 1.0
+
+
 def attempt_record(target: ChannelTarget, *, latency_ms: int, error: GatewayError | None = None) -> dict[str, Any]:
-    """Update the channel's last-used, latency and last-error columns; return the attempt for the usage row."""
+    """Update the channel's last-used, latency and last-error columns (successes at most once a second per process);
+    return the attempt for the usage row."""
     now = timezone.now()
     if error is None:
-        Channel.objects.filter(pk=target.id).update(last_used_at=now, last_latency_ms=latency_ms, last_error="")
+        if time.monotonic() - _last_written.get(target.id, -WRITE_EVERY_S) >= WRITE_EVERY_S:
+            _last_written[target.id] = time.monotonic()
+            Channel.objects.filter(pk=target.id).update(last_used_at=now, last_latency_ms=latency_ms, last_error="")
         return {"channel": target.id, "name": target.name, "outcome": "ok", "latency_ms": latency_ms}
+    _last_written.pop(target.id, None)  # the next success clears the error at once
     Channel.objects.filter(pk=target.id).update(last_used_at=now, last_latency_ms=latency_ms,
                                                 last_error=error.message[:500], last_error_at=now)
     return {"channel": target.id, "name": target.name, "outcome": "error", "status": error.status,

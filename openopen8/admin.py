@@ -8,6 +8,8 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from gateway.cache import config_changed
+
 
 class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """A model admin with ``enable``/``disable`` bulk actions, for a model with an ``enabled`` field."""
@@ -19,6 +21,7 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def _set_enabled(self, request: HttpRequest, queryset: QuerySet[Any], enabled: bool) -> None:
         changes = {"enabled": enabled, **(self.reset_on_enable if enabled else {})}
         count, noun = queryset.update(**changes), queryset.model._meta.verbose_name_plural
+        config_changed()  # a bulk update sends no save signals
         self.message_user(request, f"{count} {noun} {'enabled' if enabled else 'disabled'}.")
 
     @admin.action(description="Enable selected %(verbose_name_plural)s")

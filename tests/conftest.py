@@ -38,3 +38,11 @@ def fresh_shared_state(settings: Any) -> None:
         keys = list(client.scan_iter("oo8:*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> None:
+    """Per-process memos keyed by database ids: ids repeat once a test's rows are rolled back."""
+    from gateway import usage
+
+    usage._last_written.clear()

@@ -1,0 +1,75 @@
+"""Per-process caches of what operators configure (tokens, channels, prices), so a request needs no query to find
+them. Any change an operator makes moves a configuration version that every process and node shares (Redis or the
+database); each request reads that one number and drops its process's caches when it moved.
+
+Writes that bypass model signals (``QuerySet.update`` on these models) must call ``config_changed()``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from django.db.models.signals import post_delete, post_save
+
+from channels.models import Channel
+from gateway.models import ApiToken, Price
+from gateway.shared import shared_state
+
+MAX_TOKEN_ENTRIES = 10_000
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version: int | None = None
+        self.tokens: dict[str, list[ApiToken]] = {}
+        self.channels: list[Channel] | None = None
+        self.prices: dict[str, list[Price]] = {}
+
+
+_cache = _Cache()
+
+
+def fresh() -> _Cache:
+    """The process's cache, emptied first if the shared configuration version moved. One round trip."""
+    version = shared_state().config_version()
+    if version != _cache.version:
+        with _cache.lock:
+            _cache.version, _cache.tokens, _cache.channels, _cache.prices = version, {}, None, {}
+    return _cache
+
+
+def tokens_with_prefix(prefix: str) -> list[ApiToken]:
+    cache = fresh()
+    found = cache.tokens.get(prefix)
+    if found is None:
+        found = list(ApiToken.objects.filter(key_prefix=prefix))
+        if len(cache.tokens) >= MAX_TOKEN_ENTRIES:  # unknown keys must not grow the cache without bound
+            cache.tokens.clear()
+        cache.tokens[prefix] = found
+    return found
+
+
+def enabled_channels() -> list[Channel]:
+    """Enabled channels; read from the cache that ``tokens_with_prefix`` already freshened for this request."""
+    if _cache.channels is None:
+        _cache.channels = list(Channel.objects.filter(enabled=True))
+    return _cache.channels
+
+
+def prices_for(model: str) -> list[Price]:
+    prices = _cache.prices.get(model)
+    if prices is None:
+        prices = _cache.prices[model] = list(Price.objects.filter(model=model))
+    return prices
+
+
+def config_changed(*args: Any, **kwargs: Any) -> None:
+    """Tell every process that tokens, channels or prices changed."""
+    shared_state().bump_config_version()
+
+
+for model in (ApiToken, Channel, Price):
+    post_save.connect(config_changed, sender=model, dispatch_uid=f"config-changed-save-{model.__name__}")
+    post_delete.connect(config_changed, sender=model, dispatch_uid=f"config-changed-delete-{model.__name__}")

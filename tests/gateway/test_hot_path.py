@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from channels.models import Channel
+from gateway.models import ApiToken
+from tests.base import ApiTestCase, assert_openai_error
+from tests.factories import make_channel, make_price, make_token, openai_images
+from tests.fake_upstream import FakeUpstream
+
+
+class HotPathTests(ApiTestCase):
+    def test_a_request_makes_a_fixed_small_number_of_queries(self) -> None:
+        make_price(model="dall-e-2", size="256x256", usd="0.016")
+        _token, key = make_token(name="budgeted", budget="10")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url)
+            body = {"model": "dall-e-2", "prompt": "a", "size": "256x256", "response_format": "b64_json"}
+            self.generate(body, key=key)  # warms the process's caches
+            with CaptureQueriesContext(connection) as queries:
+                r = self.generate(body, key=key)
+        self.assertEqual(r.status_code, 200)
+        statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+        # Reads: the config version and the channels' circuits, from the database unless Redis holds them. Writes: the
+        # budget hold with the pending usage row, and the completed row. No token, channel or price lookups, and no
+        # per-request channel write.
+        reads = statements.count("SELECT")
+        self.assertLessEqual(reads, 2, queries.captured_queries)
+        self.assertEqual([s for s in statements if s in ("UPDATE", "INSERT")], ["UPDATE", "INSERT", "UPDATE"],
+                         queries.captured_queries)
+
+    def test_operator_changes_reach_the_cached_path_at_once(self) -> None:
+        token, key = make_token(name="cached")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            channel = make_channel(base_url=up.url)
+            self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key).status_code, 200)
+            channel.enabled = False
+            channel.save()
+            assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key), 404,
+                                "invalid_request_error", "model_not_found", "model")
+            Channel.objects.filter(pk=channel.pk).update(enabled=True)  # a bulk update: no signal...
+            self.client.force_login(self.superuser())
+            self.client.post("/admin/gateway/apitoken/", {"action": "disable", "_selected_action": [token.pk]})
+            self.client.logout()
+            # ...but the admin's bulk action announced its change, so both the token and the channel are re-read.
+            assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key), 401,
+                                "invalid_request_error", "invalid_api_key")
+            token = ApiToken.objects.get(pk=token.pk)
+            token.enabled = True
+            token.save()
+            self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key).status_code, 200)
+
+    def superuser(self) -> object:
+        from django.contrib.auth.models import User
+
+        return User.objects.create_superuser("root", "r@example.com", "pw")
