@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.contrib.auth.models import User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
@@ -53,7 +54,5 @@ class HotPathTests(ApiTestCase):
             token.save()
             self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key).status_code, 200)
 
-    def superuser(self) -> object:
-        from django.contrib.auth.models import User
-
+    def superuser(self) -> User:
         return User.objects.create_superuser("root", "r@example.com", "pw")
