@@ -167,6 +167,23 @@ STORAGES = {
     "images": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "images"}},
 }
 
+# Hosted images in S3-compatible object storage, for several nodes; the gateway still serves (and expires) the URLs.
+OPENOPEN8_S3_BUCKET = env("OPENOPEN8_S3_BUCKET")
+if OPENOPEN8_S3_BUCKET:
+    STORAGES["images"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": OPENOPEN8_S3_BUCKET,
+            "endpoint_url": env("OPENOPEN8_S3_ENDPOINT_URL") or None,
+            "region_name": env("OPENOPEN8_S3_REGION") or None,
+            "access_key": envsecret("OPENOPEN8_S3_ACCESS_KEY", "") or None,
+            "secret_key": envsecret("OPENOPEN8_S3_SECRET_KEY", "") or None,
+            "location": env("OPENOPEN8_S3_PREFIX", "images"),
+            "default_acl": None,
+            "querystring_auth": True,
+        },
+    }
+
 # Uploads larger than this go to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024

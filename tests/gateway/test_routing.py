@@ -14,6 +14,7 @@ from gateway.shared import shared_state
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream, Recorded
+from tests.processes import start_gateway
 
 OK = openai_images(1)
 BROKEN = {"error": {"message": "internal error"}}
@@ -251,42 +252,11 @@ class FaultTests(ApiTestCase):
 class SharedLimitTests(LiveServerTestCase):
     """Two gateway processes on their own ports, sharing this test database (and Redis when configured)."""
 
-    def start_gateway(self) -> str:
-        import socket
-        import subprocess
-        import sys
-        from pathlib import Path
-
-        from django.db import connection
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        db = connection.settings_dict
-        url = (f"sqlite:///{db['NAME']}" if connection.vendor == "sqlite"
-               else f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}")
-        env = {**os.environ, "DATABASE_URL": url, "OPENOPEN8_DATA_DIR": str(Path(self.tmp) / str(port))}
-        proc = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
-                                cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        self.addCleanup(proc.wait, 10)
-        self.addCleanup(proc.terminate)
-        for _ in range(100):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    return f"http://127.0.0.1:{port}"
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError("the gateway process did not start")
-
     def test_a_tokens_limit_holds_across_two_gateway_processes(self) -> None:
-        import tempfile
-
-        self.tmp = tempfile.mkdtemp()
         restore_default_prices()
         _token, key = make_token(name="shared", requests_per_minute=3)
         make_channel(kind="placeholder")
-        nodes = [self.start_gateway(), self.start_gateway()]
+        nodes = [start_gateway(self.addCleanup), start_gateway(self.addCleanup)]
         statuses = [requests.post(f"{nodes[i % 2]}/v1/images/generations", timeout=30,
                                   headers={"Authorization": f"Bearer {key}"},
                                   json={"model": "dall-e-2", "prompt": "a", "size": "256x256"}).status_code

@@ -1,0 +1,70 @@
+"""Real processes for tests: gateway nodes on their own ports, and a local S3-compatible server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def database_url() -> str:
+    """The URL of the database this test run uses (the test database), for other processes to share."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen[Any]) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise AssertionError(f"the process for {url} exited with {proc.returncode}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing answered at {url}")
+
+
+def start(cmd: list[str], *, url: str, env: dict[str, str], cleanup: Callable[..., None]) -> None:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cleanup(proc.wait, 10)
+    cleanup(proc.terminate)
+    _wait_until_up(url, proc)
+
+
+def start_gateway(cleanup: Callable[..., None], **env: str) -> str:
+    """A gateway node (the development server) on a free port, sharing this run's database; returns its URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    start([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], url=f"{base}/healthz",
+          env={"DATABASE_URL": database_url(), "OPENOPEN8_DATA_DIR": tempfile.mkdtemp(), **env}, cleanup=cleanup)
+    return base
+
+
+def start_s3(cleanup: Callable[..., None]) -> str:
+    """moto's S3-compatible server on a free port; returns its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], url=url, env={},
+          cleanup=cleanup)
+    return url
