@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.conf import settings
+from django.db import connection
 
 from channels import adapters
 from channels.adapters.base import ChannelTarget
@@ -71,9 +72,17 @@ def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iter
             state.release(f"inflight:channel:{target.id}", lease)
 
 
+def _release_database() -> None:
+    """Give the database connection back to the pool while waiting on a provider (seconds to a minute), so requests
+    in flight do not each hold one. Not inside a transaction, and only where a pool is there to take it back."""
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        connection.close()
+
+
 def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
              timeout: float) -> tuple[ImagesResponse, int]:
     """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
+    _release_database()
     result, provider_ms = adapters.call(target, req, timeout=timeout)
     if not result.data:
         raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)

@@ -111,6 +111,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not memory, so that a live test server's threads each get their own connection.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-openopen8.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A pool per process: a request gives its connection back while it waits on a provider (gateway/routing.py), so
+    # hundreds of requests in flight share a few connections.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2, "max_size": int(envnumber("OPENOPEN8_DB_POOL_SIZE", "16")), "timeout": 30}
 
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
