@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(or $(OPENOPEN8_DATA_DIR),data)
 SECRET_FILE := $(DATA_DIR)/secret_key
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test lint bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
+
+# The benchmark needs nginx and wrk (Debian packages) and this machine's PostgreSQL and Redis.
+bench: install-dev
+	command -v nginx >/dev/null && command -v wrk >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq nginx wrk)
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

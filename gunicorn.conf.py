@@ -24,7 +24,7 @@ graceful_timeout = int(os.environ.get("OPENOPEN8_GRACEFUL_TIMEOUT", 130))
 keepalive = 5
 # Bound the request line and headers; bodies are bounded by Django's upload settings.
 limit_request_line = 8190
-accesslog = "-"
+accesslog = os.environ.get("OPENOPEN8_ACCESS_LOG", "-") or None
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
 

@@ -9,9 +9,11 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from typing import IO, Any
 
 import requests
@@ -142,6 +144,11 @@ class _GuardedAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
 
 
+@cache
+def _proxies_configured() -> bool:
+    return bool(urllib.request.getproxies())
+
+
 _local = threading.local()
 CHUNK = 256 * 1024
 
@@ -153,8 +160,10 @@ def _session(guarded: bool = False) -> requests.Session:
     session: requests.Session | None = getattr(_local, name, None)
     if session is None:
         session = requests.Session()
+        # Reading proxy settings from the environment on every request costs more than the request itself here:
+        # only providers behind a configured proxy pay for it.
+        session.trust_env = not guarded and _proxies_configured()
         if guarded:
-            session.trust_env = False
             session.max_redirects = 3
             for scheme in ("http://", "https://"):
                 session.mount(scheme, _GuardedAdapter())

@@ -24,7 +24,8 @@ def budget_reserve(*, token_id: int, micros: int) -> None:
         )
 
 
-def budget_refund(*, token_id: int, micros: int) -> None:
-    """Give back ``micros`` that were held but not spent."""
-    if micros > 0:
-        ApiToken.objects.filter(pk=token_id).update(spent_micros=F("spent_micros") - micros)
+def budget_settle(*, token_id: int, micros: int) -> None:
+    """Add ``micros`` to what the token spent (negative: give back part of a hold). Not checked against the budget:
+    what a budget covers is decided when the hold is taken."""
+    if micros:
+        ApiToken.objects.filter(pk=token_id).update(spent_micros=F("spent_micros") + micros)

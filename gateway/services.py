@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from channels.adapters.base import ChannelTarget
 from gateway import dispatch
-from gateway.billing import budget_refund, budget_reserve
+from gateway.billing import budget_reserve, budget_settle
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
@@ -24,7 +24,7 @@ from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
 from gateway.shared import shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import usage_describe, usage_fail, usage_new
+from gateway.usage import usage_describe, usage_fail, usage_finish, usage_new
 
 
 @contextmanager
@@ -100,10 +100,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
             targets = _targets(req)
             price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
-            with transaction.atomic():  # the hold and the pending row commit together, or neither does
-                budget_reserve(token_id=token.pk, micros=price * req.n)
-                log.reserved_micros = price * req.n
-                log.save()
+            _write_pending(log, token, hold=price * req.n if token.budget_micros is not None else 0)
             result = images_route(log, req, targets, files_url=files_url,
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
@@ -116,15 +113,37 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
-        record_request(log)
         log.latency_ms = int((time.monotonic() - started) * 1000)
         log.completed_at = timezone.now()
+        record_request(log)
+        # Settle the hold against what was delivered: a refund, or for a token without a budget (which holds
+        # nothing) the charge. The token's row comes last in the transaction, so its lock is held only to commit.
+        settle = log.cost_micros - log.reserved_micros
+        log.reserved_micros = 0
+        if settle:
+            with transaction.atomic():
+                usage_finish(log)
+                budget_settle(token_id=token.pk, micros=settle)
+        else:
+            usage_finish(log)
+
+
+def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
+    """Write the pending row, with the budget hold in the same transaction (or neither). The token's row is
+    updated last, so concurrent requests of one token wait on its lock only for a commit. Raises
+    ``InsufficientQuota`` when the budget does not cover the hold."""
+    log.reserved_micros = hold
+    if not hold:
+        log.save(force_insert=True)
+        return
+    try:
         with transaction.atomic():
-            # A row saved with a hold has it in the database; a failed save rolled the hold back with it.
-            held = log.reserved_micros if log.pk else 0
-            budget_refund(token_id=token.pk, micros=held - log.cost_micros)
-            log.reserved_micros = 0
-            log.save()
+            log.save(force_insert=True)
+            budget_reserve(token_id=token.pk, micros=hold)
+    except BaseException:
+        log.pk, log.reserved_micros = None, 0  # rolled back: nothing was written or held
+        log._state.adding = True
+        raise
 
 
 def token_create(*, name: str, budget_micros: int | None = None, allowed_models: str = "",

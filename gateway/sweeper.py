@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from gateway.billing import budget_refund
+from gateway.billing import budget_settle
 from gateway.models import Counter, Lease, UsageLog
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def usage_sweep(*, grace: float = 60.0) -> int:
                 error_message="The request never finished (its worker stopped); the hold was refunded.",
                 reserved_micros=0, completed_at=timezone.now())
             if claimed and token_id is not None:
-                budget_refund(token_id=token_id, micros=held)
+                budget_settle(token_id=token_id, micros=-held)
         swept += claimed
     # Shared state kept in the database: leases of dead workers and counter windows long closed.
     Lease.objects.filter(expires_at__lt=time.time()).delete()

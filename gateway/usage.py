@@ -58,6 +58,22 @@ def attempt_record(target: ChannelTarget, *, latency_ms: int, error: GatewayErro
             "code": error.code, "message": error.message[:500], "latency_ms": latency_ms}
 
 
+# What changes once a pending row is written: the completion writes these only.
+COMPLETION_FIELDS = [
+    "completed_at", "channel", "provider_model", "attempts", "images_returned", "status", "http_status", "error_type",
+    "error_code", "error_message", "cost_micros", "reserved_micros", "latency_ms", "provider_latency_ms",
+    "input_images", "input_bytes",
+]
+
+
+def usage_finish(log: UsageLog) -> None:
+    """Write the completed row: an update of what changed if it was written pending, else the whole row."""
+    if log.pk is None:
+        log.save(force_insert=True)
+    else:
+        log.save(update_fields=COMPLETION_FIELDS)
+
+
 def usage_fail(log: UsageLog, error: GatewayError) -> None:
     log.status, log.http_status = UsageLog.Status.ERROR, error.status
     log.error_type, log.error_code, log.error_message = error.type, error.code or "", error.message[:2000]

@@ -25,11 +25,11 @@ class HotPathTests(ApiTestCase):
         self.assertEqual(r.status_code, 200)
         statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
         # Reads: the config version and the channels' circuits, from the database unless Redis holds them. Writes: the
-        # budget hold with the pending usage row, and the completed row. No token, channel or price lookups, and no
+        # pending usage row with the budget hold, and the completed row. No token, channel or price lookups, and no
         # per-request channel write.
         reads = statements.count("SELECT")
         self.assertLessEqual(reads, 2, queries.captured_queries)
-        self.assertEqual([s for s in statements if s in ("UPDATE", "INSERT")], ["UPDATE", "INSERT", "UPDATE"],
+        self.assertEqual([s for s in statements if s in ("UPDATE", "INSERT")], ["INSERT", "UPDATE", "UPDATE"],
                          queries.captured_queries)
 
     def test_operator_changes_reach_the_cached_path_at_once(self) -> None:

@@ -1,0 +1,260 @@
+"""``make bench``: the gateway under load, with its production gunicorn config, against near-free providers.
+
+Starts nginx (a canned OpenAI answer) and bench/provider.py (a 1 s provider, and one answering ~3 MB of base64),
+a gateway on PostgreSQL and Redis (DATABASE_URL / REDIS_URL, defaulting to this machine's), drives both with wrk,
+samples the gateway's memory (RSS of all its processes), prints a table and writes it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PY = sys.executable
+DB_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/openopen8_bench")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+WORKERS = os.environ.get("OPENOPEN8_WORKERS", "2")
+THREADS = os.environ.get("OPENOPEN8_THREADS", "300")
+SECONDS = int(os.environ.get("BENCH_SECONDS", "15"))
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+work = Path(tempfile.mkdtemp(prefix="oo8-bench-"))
+procs: list[subprocess.Popen[bytes]] = []
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(port_: int) -> None:
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port_)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port_}")
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "stderr.log", "ab"), start_new_session=True)
+    procs.append(proc)
+    return proc
+
+
+def stop_all() -> None:
+    for proc in reversed(procs):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def nginx(port_: int) -> None:
+    body = json.dumps({"created": 1700000000, "data": [{"b64_json": TINY_PNG}]})
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_max_body_size 64m;
+  client_body_temp_path {work}/nginx-body;
+  proxy_temp_path {work}/nginx-proxy;
+  fastcgi_temp_path {work}/nginx-fcgi;
+  uwsgi_temp_path {work}/nginx-uwsgi;
+  scgi_temp_path {work}/nginx-scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port_} backlog=4096;
+    location / {{ default_type application/json; return 200 '{body}'; }}
+  }}
+}}
+""")
+    start(["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"])
+    wait_for(port_)
+
+
+def manage(*args: str, env: dict[str, str]) -> str:
+    return subprocess.run([PY, "manage.py", *args], cwd=ROOT, env={**os.environ, **env}, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def fresh_database() -> None:
+    name = DB_URL.rsplit("/", 1)[1]
+    with psycopg.connect(DB_URL.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def gateway_processes(master: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout
+    return [master, *[int(p) for p in out.split()]]
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total / 1024
+
+
+class Sampler:
+    def __init__(self, master: int) -> None:
+        self.master, self.peak, self._stop = master, 0.0, threading.Event()
+
+    def __enter__(self) -> Sampler:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb(gateway_processes(self.master)))
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def wrk(url: str, *, connections: int, seconds: int = SECONDS, threads: int = 2, **env: str) -> dict[str, float]:
+    out = subprocess.run(["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "--timeout", "30s", "-s", str(BENCH / "request.lua"), url], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = json.loads(re.search(r"RESULT (\{.*\})", out).group(1))  # type: ignore[union-attr]
+    result["rps"] = result["requests"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: apt-get install -y nginx wrk (make bench does)")
+    fast, slow, big, gw = port(), port(), port(), port()
+    nginx(fast)
+    start([PY, str(BENCH / "provider.py"), "--port", str(slow), "--delay", "1.0"])
+    start([PY, str(BENCH / "provider.py"), "--port", str(big), "--image-bytes", str(2_300_000)])
+    for p in (slow, big):
+        wait_for(p)
+
+    fresh_database()
+    env = {"DATABASE_URL": DB_URL, "REDIS_URL": REDIS_URL, "OPENOPEN8_DEBUG": "false",
+           "OPENOPEN8_SECRET_KEY": "bench-only-secret-key-0123456789abcdef", "OPENOPEN8_DATA_DIR": str(work / "data"),
+           "OPENOPEN8_BIND": f"127.0.0.1:{gw}", "OPENOPEN8_WORKERS": WORKERS, "OPENOPEN8_THREADS": THREADS,
+           "OPENOPEN8_ACCESS_LOG": "", "OPENOPEN8_LOG_LEVEL": "WARNING"}
+    subprocess.run(["redis-cli", "-u", REDIS_URL, "flushdb"], check=False, capture_output=True)
+    manage("migrate", "-v0", env=env)
+    key = manage("createtoken", "bench", env=env).strip().splitlines()[-1]
+    for name, url, models in (("fast", f"http://127.0.0.1:{fast}/v1", "bench-fast,gpt-image-1.5"),
+                              ("slow", f"http://127.0.0.1:{slow}/v1", "bench-slow"),
+                              ("big", f"http://127.0.0.1:{big}/v1", "bench-big")):
+        manage("addchannel", name, "--type", "openai", "--base-url", url, "--key", "sk-bench-provider-key",
+               "--models", models, env=env)
+    manage("shell", "-c", "from gateway.models import Price; Price.objects.create(model='bench-fast', "
+                          "usd_per_image='0.01')", env=env)
+    master = start([str(Path(PY).parent / "gunicorn"), "-c", "gunicorn.conf.py", "openopen8.wsgi:application"],
+                   env=env)
+    wait_for(gw)
+    time.sleep(1)
+
+    def body(model: str) -> str:
+        return json.dumps({"model": model, "prompt": "a lighthouse at dawn", "response_format": "b64_json"})
+
+    gw_url, direct = f"http://127.0.0.1:{gw}/v1/images/generations", f"http://127.0.0.1:{fast}/v1/images/generations"
+    wrk(gw_url, connections=4, seconds=3, KEY=key, BODY=body("bench-fast"))  # warm up
+    idle = rss_mb(gateway_processes(master.pid))
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    d1 = wrk(direct, connections=1, threads=1, BODY=body("bench-fast"))
+    g1 = wrk(gw_url, connections=1, threads=1, KEY=key, BODY=body("bench-fast"))
+    added50, added99 = (g1["p50_us"] - d1["p50_us"]) / 1000, (g1["p99_us"] - d1["p99_us"]) / 1000
+    rows.append(("added latency p50, 1 connection", f"{added50:.2f} ms", f"(direct {d1['p50_us'] / 1000:.2f} ms, "
+                 f"gateway {g1['p50_us'] / 1000:.2f} ms)", "<= 2 ms", ok(added50 <= 2)))
+    rows.append(("added latency p99, 1 connection", f"{added99:.2f} ms", f"(direct {d1['p99_us'] / 1000:.2f} ms, "
+                 f"gateway {g1['p99_us'] / 1000:.2f} ms)", "-", "-"))
+
+    d32 = wrk(direct, connections=32, BODY=body("bench-fast"))
+    g32 = wrk(gw_url, connections=32, KEY=key, BODY=body("bench-fast"))
+    rows.append(("requests/s, 32 connections", f"{g32['rps']:.0f}", f"(direct {d32['rps']:.0f}; non-2xx "
+                 f"{g32['non_2xx']:.0f})", ">= 600", ok(g32["rps"] >= 600 and not g32["non_2xx"])))
+
+    with Sampler(master.pid) as s500:
+        g500 = wrk(gw_url, connections=500, seconds=max(SECONDS, 20), KEY=key, BODY=body("bench-slow"))
+    share = g500["rps"] / 500
+    rows.append(("500 clients, 1 s provider: requests/s", f"{g500['rps']:.0f} ({share:.0%} of 500)",
+                 f"(p99 {g500['p99_us'] / 1e6:.2f} s; non-2xx {g500['non_2xx']:.0f}, errors {g500['errors']:.0f})",
+                 ">= 90 %", ok(share >= 0.9 and not g500["non_2xx"])))
+    rows.append(("500 clients: gateway RSS, all processes", f"{s500.peak:.0f} MB", f"(idle {idle:.0f} MB)",
+                 "<= 1024 MB", ok(s500.peak <= 1024)))
+
+    upload = work / "upload.png"
+    noise = Image.frombytes("RGB", (1180, 1180), os.urandom(1180 * 1180 * 3))
+    noise.save(upload, "PNG", compress_level=0)
+    size_mb = upload.stat().st_size / 1e6
+    edits_url = f"http://127.0.0.1:{gw}/v1/images/edits"
+    before = rss_mb(gateway_processes(master.pid))
+    with Sampler(master.pid) as se:
+        ge = wrk(edits_url, connections=8, KEY=key, UPLOAD=str(upload), MODEL="gpt-image-1.5")
+    per_edit = (se.peak - before) / 8
+    rows.append((f"edits, {size_mb:.1f} MB uploads, 8 connections", f"{ge['rps']:.1f} requests/s",
+                 f"(+{per_edit:.1f} MB RSS per request in flight; non-2xx {ge['non_2xx']:.0f})",
+                 f"<= {2 * size_mb:.1f} MB a request", ok(per_edit <= 2 * size_mb and not ge["non_2xx"])))
+    before = rss_mb(gateway_processes(master.pid))
+    with Sampler(master.pid) as sb:
+        gb = wrk(gw_url, connections=8, KEY=key, BODY=body("bench-big"))
+    per_big = (sb.peak - before) / 8
+    rows.append(("generations returning ~3 MB base64, 8 connections", f"{gb['rps']:.1f} requests/s",
+                 f"(+{per_big:.1f} MB RSS per request in flight; non-2xx {gb['non_2xx']:.0f})", "-", "-"))
+    report(rows)
+
+
+def ok(met: bool) -> str:
+    return "yes" if met else "NO"
+
+
+def report(rows: list[tuple[str, str, str, str, str]]) -> None:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    lines = [f"Machine: {os.cpu_count()} cores ({cpu}), {memory:.0f} GiB; provider, load generator (wrk) and gateway "
+             f"on the same machine. Gateway: gunicorn gthread, {WORKERS} workers x {THREADS} threads, PostgreSQL and "
+             f"Redis on this machine; {SECONDS} s a run.", "",
+             "| measurement | result | detail | target | met |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    text = "\n".join(lines)
+    print(text)
+    (BENCH / "last-run.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        stop_all()
+        shutil.rmtree(work, ignore_errors=True)
