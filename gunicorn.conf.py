@@ -7,6 +7,7 @@ Each knob can be set from the environment.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 bind = os.environ.get("OPENOPEN8_BIND", "127.0.0.1:8000")
 worker_class = "gthread"
 workers = int(os.environ.get("OPENOPEN8_WORKERS", multiprocessing.cpu_count()))
-threads = int(os.environ.get("OPENOPEN8_THREADS", 64))
+threads = int(os.environ.get("OPENOPEN8_THREADS", 256))
 # A worker is only killed when its main loop stops answering, not for a long request on a thread; this bounds how
 # long a stuck worker lives, above the longest provider wait (OPENOPEN8_UPSTREAM_TIMEOUT, 120 s by default).
 timeout = int(os.environ.get("OPENOPEN8_WORKER_TIMEOUT", 180))
@@ -37,6 +38,16 @@ def on_starting(server: Any) -> None:
     # Samples of a previous run's workers must not be summed into this one's.
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    # glibc gives each thread that allocates its own arena; with hundreds of threads moving multi-megabyte images
+    # that fragments memory badly. Two arenas per worker: measured in bench/, an edit in flight went from about
+    # 30 MB of RSS to about 7 MB, and throughput did not drop. (Also mapping large blocks directly cost 60 % of it.)
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(os.environ.get("OPENOPEN8_MALLOC_ARENAS", "2")))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def post_worker_init(worker: Any) -> None:

@@ -30,7 +30,7 @@ PY = sys.executable
 DB_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/openopen8_bench")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
 WORKERS = os.environ.get("OPENOPEN8_WORKERS", "2")
-THREADS = os.environ.get("OPENOPEN8_THREADS", "300")
+THREADS = os.environ.get("OPENOPEN8_THREADS", "256")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "15"))
 TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
 work = Path(tempfile.mkdtemp(prefix="oo8-bench-"))
