@@ -198,6 +198,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     return Response(error.to_body(), status=error.status, headers=headers)
 
 
+def handler400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    # Django answers here for requests it refuses before any view, such as an unknown Host header.
+    return error_response(InvalidRequest("Bad request."))
+
+
+def handler403(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return error_response(PermissionDenied("Forbidden.", code="forbidden"))
+
+
 def handler404(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     return error_response(NotFound(f"Invalid URL ({request.method} {request.path})"))
 

@@ -23,6 +23,11 @@ class ErrorHandlingTests(ApiTestCase):
                 error = assert_openai_error(self.client.get(path), 404, "invalid_request_error")
                 self.assertIn(path, error["message"])
 
+    def test_a_request_for_an_unknown_host_gets_a_json_400(self) -> None:
+        with override_settings(ALLOWED_HOSTS=["images.example.com"]):
+            r = self.generate({"model": "dall-e-2", "prompt": "a"})
+        assert_openai_error(r, 400, "invalid_request_error")
+
     def test_the_admins_static_files_are_served_with_debug_off(self) -> None:
         r = self.client.get("/static/admin/css/base.css")
         self.assertEqual(r.status_code, 200)
