@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from channels.adapters.base import ChannelTarget
+from channels.adapters.base import ChannelTarget, only_keys
 from channels.adapters.convert import data_url, dimensions
 from channels.adapters.openai import OpenAICompatibleAdapter, images_from_body
 from channels.http import UpstreamRequest, UpstreamResponse
@@ -33,9 +33,7 @@ class ArkAdapter(OpenAICompatibleAdapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
-        unknown = set(raw) - {"default_size", "hd_size", "watermark", "response_format"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        only_keys(raw, {"default_size", "hd_size", "watermark", "response_format"})
         for key in ("default_size", "hd_size"):
             if key in raw and raw[key] not in TIERS and dimensions(raw[key]) is None:
                 raise ValueError(f"{key} must be 1K, 2K, 4K or WIDTHxHEIGHT")

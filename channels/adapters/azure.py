@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from channels.adapters.base import ChannelTarget, classify
+from channels.adapters.base import ChannelTarget, classify, only_keys
 from channels.adapters.openai import OpenAICompatibleAdapter
 from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import ContentPolicyViolation, GatewayError
@@ -37,9 +37,7 @@ class AzureAdapter(OpenAICompatibleAdapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
-        unknown = set(raw) - {"api_version", "response_format"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: api_version, response_format)")
+        only_keys(raw, {"api_version", "response_format"})
         version = raw.get("api_version", DEFAULT_API_VERSION)
         if not isinstance(version, str) or not version[:4].isdigit():
             raise ValueError("api_version must look like 2025-04-01-preview")

@@ -8,6 +8,7 @@ a failure is (the client's: no failover; the channel's: fail over).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,6 +50,13 @@ class ChannelTarget:
 
     def provider_model(self, model: str) -> str:
         return self.model_map.get(model, model)
+
+
+def only_keys(raw: JSONDict, allowed: Iterable[str]) -> None:
+    """Refuse a channel config with keys the adapter does not know (a typo would otherwise be silently ignored)."""
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(allowed))})")
 
 
 @dataclass(frozen=True)

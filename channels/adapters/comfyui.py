@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-from channels.adapters.base import Adapter, ChannelTarget, Poll
+from channels.adapters.base import Adapter, ChannelTarget, Poll, only_keys
 from channels.adapters.convert import dimensions, with_mask_as_alpha
 from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
 from gateway.errors import UpstreamError
@@ -56,9 +56,7 @@ class ComfyUIAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"workflow", "default_size", "poll_interval"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        only_keys(raw, {"workflow", "default_size", "poll_interval"})
         workflow = raw.get("workflow")
         if not isinstance(workflow, dict) or not workflow or not all(
                 isinstance(node, dict) and "class_type" in node for node in workflow.values()):

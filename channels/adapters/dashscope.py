@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from channels.adapters.base import Adapter, ChannelTarget, Poll, classify
+from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import dimensions
 from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
@@ -46,9 +46,7 @@ class DashScopeAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"min_side", "max_side", "max_n", "poll_interval"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        only_keys(raw, {"min_side", "max_side", "max_n", "poll_interval"})
         config = Config(**raw)
         if not (0 < config.min_side <= config.max_side and 1 <= config.max_n <= 10 and config.poll_interval > 0):
             raise ValueError("need 0 < min_side <= max_side, max_n from 1 to 10 and a positive poll_interval")

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from channels.adapters.base import Adapter, ChannelTarget
+from channels.adapters.base import Adapter, ChannelTarget, only_keys
 from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
 from gateway.errors import UpstreamError
 from gateway.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
@@ -34,9 +34,7 @@ class OpenAICompatibleAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"response_format"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: response_format)")
+        only_keys(raw, {"response_format"})
         fmt = raw.get("response_format")
         if fmt is not None and fmt not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")

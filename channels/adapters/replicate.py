@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.adapters.base import Adapter, ChannelTarget, Poll, classify
+from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import data_url, dimensions, nearest_ratio
 from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
@@ -39,9 +39,7 @@ class ReplicateAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"inputs", "size_as", "max_outputs", "static_input", "wait", "poll_interval"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+        only_keys(raw, {"inputs", "size_as", "max_outputs", "static_input", "wait", "poll_interval"})
         inputs = raw.get("inputs", {"prompt": "prompt"})
         if not isinstance(inputs, dict) or set(inputs) - set(MAPPABLE) or "prompt" not in inputs:
             raise ValueError(f"inputs maps some of {', '.join(MAPPABLE)} (prompt at least) to the model's input names")

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from channels.adapters.base import Adapter, ChannelTarget, classify
+from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import white_repaint_mask
 from channels.http import UpstreamRequest, UpstreamResponse
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
@@ -46,9 +46,7 @@ class SDWebUIAdapter(Adapter):
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
         known = {f.name: f.type for f in fields(Config)}
-        unknown = set(raw) - set(known)
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: {', '.join(known)})")
+        only_keys(raw, set(known))
         checks: dict[str, Any] = {"steps": int, "cfg_scale": (int, float), "sampler": str, "scheduler": str,
                                   "negative_prompt": str, "default_size": str, "quality_steps": dict,
                                   "denoising_strength": (int, float), "mask_blur": int}

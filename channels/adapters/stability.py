@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from channels.adapters.base import Adapter, ChannelTarget, classify
+from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import nearest_ratio, white_repaint_mask
 from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
 from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
@@ -35,10 +35,7 @@ class StabilityAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"endpoint", "quality_endpoints", "style_preset"}
-        if unknown:
-            raise ValueError(f"unknown keys: {', '.join(sorted(unknown))} (allowed: endpoint, quality_endpoints, "
-                             "style_preset)")
+        only_keys(raw, {"endpoint", "quality_endpoints", "style_preset"})
         if not isinstance(raw.get("quality_endpoints", {}), dict) or not isinstance(raw.get("style_preset", ""), str):
             raise ValueError("quality_endpoints must map qualities to endpoints; style_preset must be text")
         config = Config(**raw)
