@@ -7,10 +7,13 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.db.models import QuerySet, Sum
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
 from gateway.models import ApiToken, Price, UsageLog, from_micros, to_micros
+from gateway.selectors import ledger_micros
 from gateway.services import token_create
 from openopen8.admin import EnableDisableAdmin
 
@@ -30,6 +33,9 @@ class ApiTokenForm(forms.ModelForm):
 
     def save(self, commit: bool = True) -> ApiToken:
         budget = self.cleaned_data.get("budget")
+        if budget is not None and self.instance.budget_micros is None and self.instance.pk:
+            # A budget given to a token that had none counts what it already spent (its usage rows).
+            self.instance.spent_micros = ledger_micros(self.instance.pk)
         self.instance.budget_micros = None if budget is None else to_micros(budget)
         token: ApiToken = super().save(commit=commit)
         return token
@@ -52,9 +58,14 @@ class ApiTokenAdmin(EnableDisableAdmin):
     def budget_usd(self, token: ApiToken) -> str:
         return "unlimited" if token.budget is None else f"{token.budget:.4f}"
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiToken]:
+        tokens: QuerySet[ApiToken] = super().get_queryset(request)
+        return tokens.annotate(ledger=Coalesce(Sum("usage__cost_micros"), 0))
+
     @admin.display(description="spent (USD)")
     def spent_usd(self, token: ApiToken) -> str:
-        return f"{token.spent:.4f}"
+        spent = token.spent_micros if token.budget_micros is not None else getattr(token, "ledger", 0)
+        return f"{from_micros(spent):.4f}"
 
     def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
         if change:

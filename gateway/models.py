@@ -45,7 +45,9 @@ class ApiToken(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     # Money is kept in whole micro-dollars: SQL arithmetic on integers is exact on every database.
     budget_micros = models.BigIntegerField("budget (µUSD)", null=True, blank=True, help_text="Empty means unlimited.")
-    spent_micros = models.BigIntegerField("spent (µUSD)", default=0)
+    # Counted against the budget, held before each request. A token without a budget keeps no running total here:
+    # what it spent is the sum of its usage rows (the admin shows that).
+    spent_micros = models.BigIntegerField("spent against the budget (µUSD)", default=0)
     allowed_models = models.TextField(blank=True, help_text="Comma-separated; empty allows every model.")
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
     max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,

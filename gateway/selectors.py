@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
+from django.db.models import Sum
+
 from channels.adapters.base import ChannelTarget
 from gateway.cache import enabled_channels, prices_for
+from gateway.models import UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +48,9 @@ def price_for(*, model: str, size: str | None, quality: str | None) -> Decimal:
         if score > best_score:
             best, best_score = price.usd_per_image, score
     return best
+
+
+def ledger_micros(token_id: int) -> int:
+    """What a token spent, summed from its usage rows."""
+    total = UsageLog.objects.filter(token_id=token_id).aggregate(total=Sum("cost_micros"))["total"]
+    return int(total or 0)

@@ -116,14 +116,14 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         log.latency_ms = int((time.monotonic() - started) * 1000)
         log.completed_at = timezone.now()
         record_request(log)
-        # Settle the hold against what was delivered: a refund, or for a token without a budget (which holds
-        # nothing) the charge. The token's row comes last in the transaction, so its lock is held only to commit.
-        settle = log.cost_micros - log.reserved_micros
+        # Give back what the hold covered but was not delivered. A token without a budget holds nothing and is not
+        # written at all: its usage rows are its ledger, so its requests do not queue on its one row.
+        unused = log.reserved_micros - log.cost_micros
         log.reserved_micros = 0
-        if settle:
+        if unused > 0:
             with transaction.atomic():
                 usage_finish(log)
-                budget_settle(token_id=token.pk, micros=settle)
+                budget_settle(token_id=token.pk, micros=-unused)
         else:
             usage_finish(log)
 

@@ -116,3 +116,24 @@ class ConcurrentBudgetTests(LiveServerTestCase):
         self.assertEqual(ApiToken.objects.get(pk=token.pk).spent_micros, 80000)
         self.assertEqual(UsageLog.objects.filter(status="success").count(), 5)
         self.assertEqual(UsageLog.objects.filter(status="error", http_status=429).count(), 19)
+
+
+class LedgerTests(ApiTestCase):
+    def test_a_token_without_a_budget_is_charged_in_its_usage_rows_and_a_new_budget_counts_them(self) -> None:
+        from django.contrib.auth.models import User
+
+        make_price(model="dall-e-2", size="256x256", usd="0.016")
+        token, key = make_token(name="open-ended")
+        make_channel(kind="placeholder")
+        for _ in range(3):
+            self.generate({"model": "dall-e-2", "prompt": "a", "size": "256x256"}, key=key)
+        token.refresh_from_db()
+        self.assertEqual(token.spent_micros, 0)  # no running total on the token's row: no queue on it
+        self.client.force_login(User.objects.create_superuser("root", "r@example.com", "pw"))
+        self.assertContains(self.client.get("/admin/gateway/apitoken/"), "0.0480")
+        self.client.post(f"/admin/gateway/apitoken/{token.pk}/change/", {"name": "open-ended", "enabled": "on",
+                                                                          "budget": "0.06", "allowed_models": ""})
+        token.refresh_from_db()
+        self.assertEqual((token.budget_micros, token.spent_micros), (60000, 48000))
+        self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a", "size": "256x256"}, key=key).status_code,
+                         429)  # 48000 + 16000 > 60000
