@@ -9,14 +9,13 @@ from django.conf import settings
 from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
-from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from gateway.errors import NotFound, RequestTooLarge, error_response
+from gateway.errors import InvalidRequest, NotFound, RequestTooLarge, error_response
 from gateway.hosting import image_open
 from gateway.metrics import metrics_text
 from gateway.models import ApiToken
@@ -54,7 +53,7 @@ class GatewayApi(APIView):
 
 
 class ImagesApi(GatewayApi):
-    endpoint = "generations"
+    endpoint: str  # generations, edits or variations, set by each subclass
 
     def post(self, request: Request) -> Response:
         token = cast(ApiToken, request.auth)  # HasApiToken lets no request through without one
@@ -94,9 +93,13 @@ class ModelListApi(GatewayApi):
             {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
 
 
-@require_safe
 def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     """A hosted image, with its content type, until its URL expires. The unguessable name is the credential."""
+    if request.method not in ("GET", "HEAD"):
+        error = InvalidRequest(f"Method {request.method} is not allowed for image files; use GET.",
+                               code="method_not_allowed")
+        error.status = 405
+        return error_response(error)
     try:
         file, content_type, seconds_left = image_open(name)
     except NotFound as error:

@@ -200,7 +200,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(len(bad.requests), 2)
 
     def test_a_refusal_is_not_failed_over_and_costs_nothing(self) -> None:
-        _token, key = make_token_with_budget("1.00")
+        _token, key = make_token(name="budgeted", budget="1.00")
         with FakeUpstream() as strict, FakeUpstream() as other:
             strict.respond(400, {"error": {"message": "Your request was rejected as a result of our safety system.",
                                            "type": "invalid_request_error", "param": None,
@@ -319,7 +319,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual(UsageLog.objects.get().prompt, "a red fox")
 
     def test_a_failed_check_reaches_no_provider_costs_nothing_and_is_logged(self) -> None:
-        _token, key = make_token_with_budget("1.00")
+        _token, key = make_token(name="budgeted", budget="1.00")
         with FakeUpstream() as up:
             up.respond(200, openai_images(1))
             make_channel(base_url=up.url)
@@ -356,11 +356,10 @@ class ImagesApiTests(ApiTestCase):
         r = self.client.get("/v1/images/generations", HTTP_AUTHORIZATION=f"Bearer {self.key}")
         self.assertEqual(r.status_code, 405)
         self.assertIn("error", r.json())
+        r = self.client.post("/v1/images/files/ffffffff-" + "a" * 32 + ".png")
+        self.assertEqual(r.status_code, 405)
+        self.assertEqual(r.json()["error"]["code"], "method_not_allowed")
         assert_openai_error(self.client.post("/v1/images/nothing"), 404, "invalid_request_error")
-
-
-def make_token_with_budget(budget: str) -> tuple[ApiToken, str]:
-    return make_token(name="budgeted", budget=budget)
 
 
 class PendingRowTests(TransactionTestCase):
