@@ -24,7 +24,7 @@ from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
 from gateway.shared import shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import usage_describe, usage_fail, usage_finish, usage_new
+from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert, usage_new
 
 
 @contextmanager
@@ -134,11 +134,11 @@ def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
     ``InsufficientQuota`` when the budget does not cover the hold."""
     log.reserved_micros = hold
     if not hold:
-        log.save(force_insert=True)
+        usage_insert(log)
         return
     try:
         with transaction.atomic():
-            log.save(force_insert=True)
+            usage_insert(log)
             budget_reserve(token_id=token.pk, micros=hold)
     except BaseException:
         log.pk, log.reserved_micros = None, 0  # rolled back: nothing was written or held

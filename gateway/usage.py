@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+from functools import cache
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from channels.adapters.base import ChannelTarget
@@ -66,12 +68,46 @@ COMPLETION_FIELDS = [
 ]
 
 
+# Every request writes its row twice, and building that SQL through the ORM cost more than sending it (measured in
+# bench/: ~0.75 ms of a ~3.5 ms request). The statements are built once per database vendor from the model's own
+# fields, and each value still goes through its field's get_db_prep_save, as Model.save would.
+_INSERT_FIELDS: list[Any] = [f for f in UsageLog._meta.concrete_fields if not f.primary_key]
+_COMPLETION: list[Any] = [UsageLog._meta.get_field(name) for name in COMPLETION_FIELDS]
+
+
+@cache
+def _statements(vendor: str) -> tuple[str, str]:
+    quote = connection.ops.quote_name
+    pk_field: Any = UsageLog._meta.pk
+    table, pk = quote(UsageLog._meta.db_table), quote(pk_field.column)
+    columns = ", ".join(quote(f.column) for f in _INSERT_FIELDS)
+    marks = ", ".join(["%s"] * len(_INSERT_FIELDS))
+    assignments = ", ".join(f"{quote(f.column)} = %s" for f in _COMPLETION)
+    return (f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING {pk}",
+            f"UPDATE {table} SET {assignments} WHERE {pk} = %s")
+
+
+def _values(log: UsageLog, fields: list[Any], adding: bool) -> list[Any]:
+    return [f.get_db_prep_save(f.pre_save(log, adding), connection) for f in fields]
+
+
+def usage_insert(log: UsageLog) -> None:
+    """Insert the row (pending or, for a request refused early, complete) and set its primary key."""
+    insert, _update = _statements(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(insert, _values(log, _INSERT_FIELDS, True))
+        log.pk = cursor.fetchone()[0]
+    log._state.adding, log._state.db = False, connection.alias
+
+
 def usage_finish(log: UsageLog) -> None:
     """Write the completed row: an update of what changed if it was written pending, else the whole row."""
     if log.pk is None:
-        log.save(force_insert=True)
-    else:
-        log.save(update_fields=COMPLETION_FIELDS)
+        usage_insert(log)
+        return
+    _insert, update = _statements(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(update, [*_values(log, _COMPLETION, False), log.pk])
 
 
 def usage_fail(log: UsageLog, error: GatewayError) -> None:
