@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import cache
 from typing import Any, cast
 
 from django.conf import settings
@@ -25,11 +26,15 @@ from gateway.services import images_create
 from gateway.shared import shared_state
 
 
+@cache
+def _files_path() -> str:
+    return reverse("image-file", args=["x"])[:-1]
+
+
 def files_url(request: HttpRequest) -> str:
     """Base of hosted image URLs: OPENOPEN8_PUBLIC_URL, or the scheme and host the client used."""
-    path = reverse("image-file", args=["x"])[:-1]
     base = settings.OPENOPEN8_PUBLIC_URL or f"{request.scheme}://{request.get_host()}"
-    return f"{base}{path}"
+    return f"{base}{_files_path()}"
 
 
 class GatewayApi(APIView):
