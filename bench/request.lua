@@ -2,7 +2,7 @@
 -- and print a JSON summary line at the end.
 local key = os.getenv("KEY")
 local upload = os.getenv("UPLOAD")
-wrk.method = "POST"
+wrk.method = os.getenv("METHOD") or "POST"
 if key then wrk.headers["Authorization"] = "Bearer " .. key end
 if upload then
   local f = assert(io.open(upload, "rb"))
@@ -14,7 +14,7 @@ if upload then
     "\r\n--" .. b .. "\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nadd a moon\r\n--" .. b ..
     "\r\nContent-Disposition: form-data; name=\"image\"; filename=\"in.png\"\r\nContent-Type: image/png\r\n\r\n" ..
     data .. "\r\n--" .. b .. "--\r\n"
-else
+elseif os.getenv("BODY") then
   wrk.headers["Content-Type"] = "application/json"
   wrk.body = os.getenv("BODY")
 end
