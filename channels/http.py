@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import os
 import socket
 import threading
 import time
@@ -154,8 +155,8 @@ CHUNK = 256 * 1024
 
 
 def _session(guarded: bool = False) -> requests.Session:
-    # One pooled session per thread (and kind): connections to a provider are reused across requests. The guarded
-    # one, for image URLs, refuses addresses the operator has not allowed and ignores proxy settings.
+    # A session per thread (and kind) for what goes through Session.request: image URLs (the guarded one refuses
+    # addresses the operator has not allowed and ignores proxy settings) and providers behind a proxy.
     name = "guarded" if guarded else "session"
     session: requests.Session | None = getattr(_local, name, None)
     if session is None:
@@ -195,18 +196,34 @@ def _never_connected(error: BaseException | None) -> bool:
 
 
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
+_pool_lock = threading.Lock()
+_pool: tuple[int, HTTPAdapter] | None = None
+
+
+def _provider_pool() -> HTTPAdapter:
+    """The process's connection pool for provider calls, shared by all its threads (urllib3's pools are
+    thread-safe). A pool per thread kept a connection per thread per provider, and with hundreds of threads taking
+    turns a thread's connection had usually gone stale by its next call: a new TCP and TLS handshake instead of a
+    warm connection. Made in the process that uses it (keyed by pid), so a fork never shares sockets."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        with _pool_lock:
+            if _pool is None or _pool[0] != os.getpid():
+                size = settings.OPENOPEN8_PROVIDER_POOL_SIZE
+                # Calls beyond ``size`` to one host at once get a connection of their own, closed after use.
+                _pool = (os.getpid(), HTTPAdapter(pool_connections=64, pool_maxsize=size, pool_block=False))
+    return _pool[1]
 
 
 def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool, **kwargs: Any) -> requests.Response:
-    session = _session(guarded)
-    if guarded or session.trust_env:  # image URLs follow redirects; proxies come from the environment
-        return session.request(method, url, timeout=timeout, stream=True, **kwargs)
+    if guarded or _proxies_configured():  # image URLs follow redirects; proxies come from the environment
+        return _session(guarded).request(method, url, timeout=timeout, stream=True, **kwargs)
     # A provider call follows no redirects and keeps no cookies (one provider's cookies must not reach another), so
     # Session.request's merging of cookies, hooks and settings is skipped: measured at a quarter of the call's cost.
     headers = {**_DEFAULT_HEADERS, **kwargs.pop("headers", {})}
     kwargs.pop("allow_redirects", None)
     prepared = requests.Request(method, url, headers=headers, **kwargs).prepare()
-    return session.get_adapter(url).send(prepared, stream=True, timeout=timeout)
+    return _provider_pool().send(prepared, stream=True, timeout=timeout)
 
 
 def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,

@@ -33,6 +33,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    client_port: int = 0  # tells one client connection from another
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -131,7 +132,8 @@ class FakeUpstream:
             def _record(self) -> Recorded:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                rec = Recorded(self.command, self.path, _CaseInsensitive(self.headers.items()), body)
+                rec = Recorded(self.command, self.path, _CaseInsensitive(self.headers.items()), body,
+                               self.client_address[1])
                 with fake._lock:
                     fake.requests.append(rec)
                 return rec

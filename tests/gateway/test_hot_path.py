@@ -3,6 +3,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import threading
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -12,6 +13,7 @@ from django.db import close_old_connections, connection
 from django.http import HttpResponseBase
 from django.test.utils import CaptureQueriesContext
 
+from channels import http
 from channels.models import Channel
 from gateway.models import ApiToken
 from tests.base import ApiTestCase, assert_openai_error
@@ -114,3 +116,18 @@ class AnswerMemoryTests(ApiTestCase):
         status, stranded = self.call({"model": "dall-e-2", "prompt": ""})
         self.assertTrue(status.startswith("400"), status)
         self.assertEqual(stranded, [])
+
+
+class ProviderConnectionTests(ApiTestCase):
+    def test_calls_from_different_threads_reuse_one_warm_provider_connection(self) -> None:
+        # Request threads take turns; with a connection per thread, each turn to a real provider could cost a new
+        # TCP and TLS handshake. The process's pool hands the warm connection to whichever thread calls next.
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            request = http.UpstreamRequest("POST", f"{up.url}/v1/images/generations", json={"prompt": "a"})
+            for _ in range(3):
+                thread = threading.Thread(target=http.send, args=(request,), kwargs={"timeout": 5})
+                thread.start()
+                thread.join()
+        self.assertEqual(len(up.requests), 3)
+        self.assertEqual(len({r.client_port for r in up.requests}), 1, [r.client_port for r in up.requests])
