@@ -125,6 +125,18 @@ class AdminTests(TestCase):
         log.refresh_from_db()
         self.assertEqual(log.model, "dall-e-3")
 
+    def test_usage_logs_drill_down_by_date(self) -> None:
+        # The date hierarchy groups by truncated dates: the query shape that parameter binding on the server could
+        # break on PostgreSQL.
+        log = make_usage_log(model="dall-e-3", status="success")
+        when = log.created_at
+        for query in ({}, {"created_at__year": when.year},
+                      {"created_at__year": when.year, "created_at__month": when.month},
+                      {"created_at__year": when.year, "created_at__month": when.month, "created_at__day": when.day}):
+            listing = self.client.get("/admin/gateway/usagelog/", query)
+            self.assertEqual(listing.status_code, 200, query)
+            self.assertContains(listing, log.request_id)
+
     def test_prices_are_listed_with_the_dall_e_defaults(self) -> None:
         html = self.client.get("/admin/gateway/price/").content.decode()
         self.assertIn("dall-e-3", html)
