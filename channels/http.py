@@ -209,7 +209,9 @@ def _provider_pool() -> HTTPAdapter:
     if _pool is None or _pool[0] != os.getpid():
         with _pool_lock:
             if _pool is None or _pool[0] != os.getpid():
-                size = settings.OPENOPEN8_PROVIDER_POOL_SIZE
+                from channels.adapters import MAX_PARALLEL_CALLS  # here: the adapters import this module
+
+                size = settings.OPENOPEN8_PROVIDER_POOL_SIZE or settings.OPENOPEN8_THREADS * MAX_PARALLEL_CALLS
                 # Calls beyond ``size`` to one host at once get a connection of their own, closed after use.
                 _pool = (os.getpid(), HTTPAdapter(pool_connections=64, pool_maxsize=size, pool_block=False))
     return _pool[1]

@@ -69,11 +69,13 @@ OPENOPEN8_IMAGE_TTL = int(envnumber("OPENOPEN8_IMAGE_TTL", "3600"))
 OPENOPEN8_UPSTREAM_TIMEOUT = float(envnumber("OPENOPEN8_UPSTREAM_TIMEOUT", "120", float))
 OPENOPEN8_CONNECT_TIMEOUT = float(envnumber("OPENOPEN8_CONNECT_TIMEOUT", "10", float))
 OPENOPEN8_MAX_ATTEMPTS = int(envnumber("OPENOPEN8_MAX_ATTEMPTS", "3"))
-# Provider connections a process keeps per provider host, shared by its threads. The default covers every thread
-# making the parallel calls of a provider without ``n`` (up to 4 a request: channels.adapters.MAX_PARALLEL_CALLS);
-# beyond it a call gets a connection of its own, and urllib3 logs a warning when it closes it.
-OPENOPEN8_PROVIDER_POOL_SIZE = int(envnumber("OPENOPEN8_PROVIDER_POOL_SIZE",
-                                             str(4 * int(envnumber("OPENOPEN8_THREADS", "256")))))
+# Request threads per gunicorn worker (gunicorn.conf.py reads the same variable).
+OPENOPEN8_THREADS = int(envnumber("OPENOPEN8_THREADS", "256"))
+# Provider connections a process keeps per provider host, shared by its threads; unset means one per thread for
+# each parallel call a request may make (channels/http.py::_provider_pool). Beyond it a call gets a connection of
+# its own, and urllib3 logs a warning when it closes it.
+OPENOPEN8_PROVIDER_POOL_SIZE = (int(envnumber("OPENOPEN8_PROVIDER_POOL_SIZE", "1"))
+                                if env("OPENOPEN8_PROVIDER_POOL_SIZE") else None)
 # Largest provider answer (JSON with base64 images) and largest single image downloaded from a provider URL.
 OPENOPEN8_MAX_UPSTREAM_BYTES = int(envnumber("OPENOPEN8_MAX_UPSTREAM_BYTES", str(200 * 1024 * 1024)))
 OPENOPEN8_MAX_IMAGE_BYTES = int(envnumber("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 1024)))

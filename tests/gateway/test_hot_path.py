@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import gc
-import io
 import json
 import threading
 from typing import Any
@@ -11,6 +10,7 @@ from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import close_old_connections, connection
 from django.http import HttpResponseBase
+from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
 
 from channels import http
@@ -73,12 +73,8 @@ class AnswerMemoryTests(ApiTestCase):
     waited for the cyclic garbage collector, and a worker serving large images grew by ~90 MB of RSS."""
 
     def call(self, body: dict[str, Any]) -> tuple[str, list[HttpResponseBase]]:
-        raw = json.dumps(body).encode()
-        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/images/generations", "SERVER_NAME": "testserver",
-                   "SERVER_PORT": "80", "HTTP_HOST": "testserver", "wsgi.input": io.BytesIO(raw),
-                   "CONTENT_LENGTH": str(len(raw)), "CONTENT_TYPE": "application/json",
-                   "HTTP_AUTHORIZATION": f"Bearer {self.key}", "wsgi.url_scheme": "http",
-                   "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": io.StringIO()}
+        environ = RequestFactory().post("/v1/images/generations", json.dumps(body), content_type="application/json",
+                                        headers={"Authorization": f"Bearer {self.key}"}).environ
         status: list[str] = []
 
         def start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
