@@ -181,7 +181,13 @@ class RedisState:
     def __init__(self, url: str) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        # Every request makes a few short Redis calls; more of them run at once than a worker has connections, so a
+        # call waits for a free connection (up to OPENOPEN8_REDIS_POOL_TIMEOUT) instead of failing the request with
+        # redis-py's "Too many connections" once its default of 100 is reached.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.OPENOPEN8_REDIS_POOL_SIZE, timeout=settings.OPENOPEN8_REDIS_POOL_TIMEOUT,
+            socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
+        self.redis = redis.Redis(connection_pool=pool)
         self._window_add = self.redis.register_script(WINDOW_ADD)
         self._lease = self.redis.register_script(LEASE)
         self._claim_probe = self.redis.register_script(CLAIM_PROBE)

@@ -102,6 +102,10 @@ OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
 OPENOPEN8_MODEL_RULES_FILE = env("OPENOPEN8_MODEL_RULES_FILE")
 
 REDIS_URL = env("REDIS_URL")
+# Redis connections a process keeps for limits, circuits and the configuration version; a call beyond them waits
+# up to the timeout (seconds) for one to come free.
+OPENOPEN8_REDIS_POOL_SIZE = int(envnumber("OPENOPEN8_REDIS_POOL_SIZE", "64"))
+OPENOPEN8_REDIS_POOL_TIMEOUT = float(envnumber("OPENOPEN8_REDIS_POOL_TIMEOUT", "10", float))
 DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'openopen8.sqlite3'}"), conn_max_age=60, conn_health_checks=True

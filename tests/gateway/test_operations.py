@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import threading
 import time
+import unittest
 from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import TestCase, override_settings
 from django.utils import timezone
@@ -10,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from channels.models import Channel
 from gateway.models import ApiToken, UsageLog
-from gateway.shared import DatabaseState, shared_state
+from gateway.shared import DatabaseState, RedisState, shared_state
 from gateway.sweeper import usage_sweep
 from tests.base import ApiTestCase
 from tests.factories import make_channel, make_token, make_usage_log, openai_images
@@ -126,6 +129,39 @@ class DatabaseStateTests(TestCase):
             self.assertFalse(state.claim_probe(channel.pk, ttl=5))  # only one probe at a time
             state.circuit_ok(channel.pk)
             self.assertEqual(state.circuits([channel.pk]), {})
+
+
+class RedisPoolTests(TestCase):
+    def test_a_process_keeps_its_redis_connections_bounded_and_calls_beyond_them_wait(self) -> None:
+        # Hundreds of requests in flight in one worker must neither open a Redis connection each nor fail with
+        # "Too many connections" when they outnumber the pool: they take turns on the pool's connections.
+        if not settings.REDIS_URL:
+            raise unittest.SkipTest("needs REDIS_URL, as .ci/run sets it")
+        name = f"oo8-pool-test-{time.monotonic_ns()}"
+        url = settings.REDIS_URL + ("&" if "?" in settings.REDIS_URL else "?") + f"client_name={name}"
+        with override_settings(OPENOPEN8_REDIS_POOL_SIZE=2):
+            state = RedisState(url)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(24)
+
+        def one() -> None:
+            barrier.wait()
+            try:
+                for _ in range(10):
+                    state.window_add("pool-test", 1, limit=1000)
+            except BaseException as error:  # noqa: BLE001 - collected for the assertion below
+                errors.append(error)
+
+        threads = [threading.Thread(target=one) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertIsNotNone(state.window_add("pool-test", 1, limit=240))  # all 240 calls were counted
+        clients = [c for c in state.redis.client_list() if c.get("name") == name]
+        self.assertLessEqual(len(clients), 2)
+        state.redis.connection_pool.disconnect()
 
 
 class ChannelTestActionTests(TestCase):
