@@ -30,7 +30,9 @@ PY = sys.executable
 DB_URL = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/openopen8_bench")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
 WORKERS = os.environ.get("OPENOPEN8_WORKERS", "2")
+WORKER_CLASS = os.environ.get("OPENOPEN8_WORKER_CLASS", "gevent")
 THREADS = os.environ.get("OPENOPEN8_THREADS", "256")
+CONNECTIONS = os.environ.get("OPENOPEN8_WORKER_CONNECTIONS", "1000")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "15"))
 TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
 work = Path(tempfile.mkdtemp(prefix="oo8-bench-"))
@@ -184,6 +186,7 @@ def main() -> None:
     env = {"DATABASE_URL": DB_URL, "REDIS_URL": REDIS_URL, "OPENOPEN8_DEBUG": "false",
            "OPENOPEN8_SECRET_KEY": "bench-only-secret-key-0123456789abcdef", "OPENOPEN8_DATA_DIR": str(work / "data"),
            "OPENOPEN8_BIND": f"127.0.0.1:{gw}", "OPENOPEN8_WORKERS": WORKERS, "OPENOPEN8_THREADS": THREADS,
+           "OPENOPEN8_WORKER_CLASS": WORKER_CLASS, "OPENOPEN8_WORKER_CONNECTIONS": CONNECTIONS,
            "OPENOPEN8_ACCESS_LOG": "", "OPENOPEN8_LOG_LEVEL": "WARNING"}
     subprocess.run(["redis-cli", "-u", REDIS_URL, "flushdb"], check=False, capture_output=True)
     manage("migrate", "-v0", env=env)
@@ -272,8 +275,9 @@ def report(rows: list[tuple[str, str, str, str, str]]) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    per_worker = f"{THREADS} threads" if WORKER_CLASS == "gthread" else f"{CONNECTIONS} connections"
     lines = [f"Machine: {os.cpu_count()} cores ({cpu}), {memory:.0f} GiB; provider, load generator (wrk) and gateway "
-             f"on the same machine. Gateway: gunicorn gthread, {WORKERS} workers x {THREADS} threads, PostgreSQL and "
+             f"on the same machine. Gateway: gunicorn {WORKER_CLASS}, {WORKERS} workers x {per_worker}, PostgreSQL and "
              f"Redis on this machine; {SECONDS} s a run.", "",
              "| measurement | result | detail | target | met |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]

@@ -211,7 +211,7 @@ def _provider_pool() -> HTTPAdapter:
             if _pool is None or _pool[0] != os.getpid():
                 from channels.adapters import MAX_PARALLEL_CALLS  # here: the adapters import this module
 
-                size = settings.OPENOPEN8_PROVIDER_POOL_SIZE or settings.OPENOPEN8_THREADS * MAX_PARALLEL_CALLS
+                size = settings.OPENOPEN8_PROVIDER_POOL_SIZE or settings.OPENOPEN8_WORKER_REQUESTS * MAX_PARALLEL_CALLS
                 # Calls beyond ``size`` to one host at once get a connection of their own, closed after use.
                 _pool = (os.getpid(), HTTPAdapter(pool_connections=64, pool_maxsize=size, pool_block=False))
     return _pool[1]

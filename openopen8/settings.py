@@ -69,11 +69,15 @@ OPENOPEN8_IMAGE_TTL = int(envnumber("OPENOPEN8_IMAGE_TTL", "3600"))
 OPENOPEN8_UPSTREAM_TIMEOUT = float(envnumber("OPENOPEN8_UPSTREAM_TIMEOUT", "120", float))
 OPENOPEN8_CONNECT_TIMEOUT = float(envnumber("OPENOPEN8_CONNECT_TIMEOUT", "10", float))
 OPENOPEN8_MAX_ATTEMPTS = int(envnumber("OPENOPEN8_MAX_ATTEMPTS", "3"))
-# Request threads per gunicorn worker (gunicorn.conf.py reads the same variable).
+# The gunicorn worker model and how many requests a worker holds at once (gunicorn.conf.py reads the same variables):
+# OPENOPEN8_WORKER_CONNECTIONS greenlets for gevent, the default, or OPENOPEN8_THREADS threads for gthread.
+OPENOPEN8_WORKER_CLASS = env("OPENOPEN8_WORKER_CLASS", "gevent")
 OPENOPEN8_THREADS = int(envnumber("OPENOPEN8_THREADS", "256"))
-# Provider connections a process keeps per provider host, shared by its threads; unset means one per thread for
-# each parallel call a request may make (channels/http.py::_provider_pool). Beyond it a call gets a connection of
-# its own, and urllib3 logs a warning when it closes it.
+OPENOPEN8_WORKER_REQUESTS = (OPENOPEN8_THREADS if OPENOPEN8_WORKER_CLASS == "gthread"
+                             else int(envnumber("OPENOPEN8_WORKER_CONNECTIONS", "1000")))
+# Provider connections a process keeps per provider host, shared by its requests; unset means one per request in
+# flight for each parallel call a request may make (channels/http.py::_provider_pool). Beyond it a call gets a
+# connection of its own, and urllib3 logs a warning when it closes it.
 OPENOPEN8_PROVIDER_POOL_SIZE = (int(envnumber("OPENOPEN8_PROVIDER_POOL_SIZE", "1"))
                                 if env("OPENOPEN8_PROVIDER_POOL_SIZE") else None)
 # Largest provider answer (JSON with base64 images) and largest single image downloaded from a provider URL.

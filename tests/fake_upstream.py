@@ -81,6 +81,10 @@ class _CaseInsensitive(dict[str, str]):
         return next((v for k, v in self.items() if k.lower() == key.lower()), default)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 drops connections that many clients open at once
+
+
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
@@ -88,7 +92,7 @@ class FakeUpstream:
         self._queue: list[Scripted] = []
         self._default = Scripted(500, {"error": {"message": "nothing scripted"}})
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
