@@ -53,24 +53,16 @@ def start(cmd: list[str], *, url: str, env: dict[str, str], cleanup: Callable[..
 
 
 def start_gateway(cleanup: Callable[..., None], **env: str) -> str:
-    """A gateway node (the development server) on a free port, sharing this run's database; returns its URL."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    start([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], url=f"{base}/healthz",
-          env={"DATABASE_URL": database_url(), "OPENOPEN8_DATA_DIR": tempfile.mkdtemp(), **env}, cleanup=cleanup)
-    return base
-
-
-def start_gunicorn(cleanup: Callable[..., None], **env: str) -> str:
-    """The gateway under gunicorn with its production config (gunicorn.conf.py) on a free port, sharing this run's
-    database; returns its URL."""
+    """A gateway node as operators run it, gunicorn with gunicorn.conf.py (one worker unless ``env`` says), on a free
+    port, sharing this run's database; returns its URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp()
     start([str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "openopen8.wsgi:application"],
           url=f"{base}/healthz", cleanup=cleanup,
           env={"DATABASE_URL": database_url(), "OPENOPEN8_DATA_DIR": data, "OPENOPEN8_BIND": f"127.0.0.1:{port}",
-               "PROMETHEUS_MULTIPROC_DIR": str(Path(data) / "prometheus"), "OPENOPEN8_ACCESS_LOG": "", **env})
+               "PROMETHEUS_MULTIPROC_DIR": str(Path(data) / "prometheus"), "OPENOPEN8_ACCESS_LOG": "",
+               "OPENOPEN8_WORKERS": "1", **env})
     return base
 
 

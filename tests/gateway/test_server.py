@@ -13,7 +13,7 @@ from django.test import TransactionTestCase
 from gateway.models import UsageLog
 from tests.factories import make_channel, make_token, openai_images, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
-from tests.processes import start_gunicorn
+from tests.processes import start_gateway
 
 
 class ProductionServerTests(TransactionTestCase):
@@ -37,7 +37,7 @@ class ProductionServerTests(TransactionTestCase):
         with FakeUpstream() as up:
             up.respond(200, slow)
             make_channel(base_url=up.url, models="dall-e-2")
-            gateway = start_gunicorn(self.addCleanup, OPENOPEN8_WORKERS="1")
+            gateway = start_gateway(self.addCleanup)
             answers: list[requests.Response] = []
             barrier = threading.Barrier(clients)
 
