@@ -5,9 +5,9 @@ must hold many requests at once. Each knob can be set from the environment.
 
 The worker model was chosen by measurement (bench/RESULTS.md): gevent workers, where each request is a greenlet and
 waiting on a provider, PostgreSQL or Redis yields to the others. Against threaded workers (gthread, 256 threads),
-alternating the two on one machine, gevent served 35-50 % more requests a second both at 32 connections and with 500
-clients on a 1 s provider, used about a third less CPU a request (no GIL hand-offs between hundreds of threads), and
-held an edit in flight in less memory. The code is the same synchronous Django: gunicorn's gevent worker patches the
+alternating the two on one machine, gevent served 33-60 % more requests a second both at 32 connections and with 500
+clients on a 1 s provider, used 20-34 % less CPU a request (no GIL hand-offs between hundreds of threads), and held an
+edit in flight in less memory. The code is the same synchronous Django: gunicorn's gevent worker patches the
 standard library before the app is loaded, and psycopg and redis-py then wait cooperatively.
 The trade-off: a greenlet that computes (decoding a large upload, say) holds its worker until it is done, where threads
 would take turns. OPENOPEN8_WORKER_CLASS=gthread (with OPENOPEN8_THREADS) switches back to threads.
