@@ -16,22 +16,27 @@ from tests.fake_upstream import FakeUpstream, Recorded
 from tests.processes import start_gateway
 
 
+class SlowProvider:
+    """An answer that takes ``seconds``, counting how many requests the provider held at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.in_flight, self.most = seconds, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, _request: Recorded) -> dict[str, Any]:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.in_flight -= 1
+        return openai_images()
+
+
 class ProductionServerTests(TransactionTestCase):
     def test_one_worker_holds_many_slow_requests_at_once_and_records_each(self) -> None:
         # A provider that takes a second: one worker must wait on all of them together, not one after another.
-        in_flight, most = 0, 0
-        lock = threading.Lock()
-
-        def slow(_request: Recorded) -> dict[str, Any]:
-            nonlocal in_flight, most
-            with lock:
-                in_flight += 1
-                most = max(most, in_flight)
-            time.sleep(1.0)
-            with lock:
-                in_flight -= 1
-            return openai_images()
-
+        slow = SlowProvider(1.0)
         clients = 24
         _token, key = make_token(name="many")
         with FakeUpstream() as up:
@@ -55,10 +60,25 @@ class ProductionServerTests(TransactionTestCase):
                 t.join()
             self.assertEqual([a.text for a in answers if a.status_code != 200], [])
             self.assertEqual(len(answers), clients)
-            self.assertEqual(most, clients)
+            self.assertEqual(slow.most, clients)
             # Hosted URLs work through the same worker.
             url = next(a.json()["data"][0]["url"] for a in answers if "url" in a.json()["data"][0])
             self.assertEqual(requests.get(url, timeout=10).content, png_bytes())
         logs = UsageLog.objects.all()
         self.assertEqual(len(logs), clients)
         self.assertEqual({log.status for log in logs}, {UsageLog.Status.SUCCESS})
+
+    def test_n_images_from_a_one_image_provider_are_asked_for_in_parallel(self) -> None:
+        # Seedream (ark) makes one image a call: n=3 is three provider calls, made at once inside the worker.
+        slow = SlowProvider(0.5)
+        _token, key = make_token(name="three")
+        with FakeUpstream() as up:
+            up.respond(200, slow)
+            make_channel(kind="ark", base_url=up.url, models="seedream")
+            gateway = start_gateway(self.addCleanup)
+            answer = requests.post(f"{gateway}/v1/images/generations", timeout=60,
+                                   headers={"Authorization": f"Bearer {key}"},
+                                   json={"model": "seedream", "prompt": "a", "n": 3, "response_format": "b64_json"})
+            self.assertEqual(answer.status_code, 200, answer.text)
+            self.assertEqual(len(answer.json()["data"]), 3)
+            self.assertEqual((len(up.requests), slow.most), (3, 3))
