@@ -92,8 +92,8 @@ def _values(log: UsageLog, fields: list[Any], adding: bool, db: BaseDatabaseWrap
     return [f.get_db_prep_save(f.pre_save(log, adding), db) for f in fields]
 
 
-# ``django.db.connection`` is a proxy that finds this thread's connection on every attribute read; the fields read it
-# several times each, which cost more than the values themselves (~90 us a request). Each write looks it up once.
+# ``django.db.connection`` is a proxy that finds this thread's connection on every attribute read, and the fields read
+# it several times each: 9 % of a generation's instructions (bench/RESULTS.md). Each write looks it up once.
 def usage_insert(log: UsageLog) -> None:
     """Insert the row (pending or, for a request refused early, complete) and set its primary key."""
     db = connections[DEFAULT_DB_ALIAS]

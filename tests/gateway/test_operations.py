@@ -141,6 +141,7 @@ class RedisPoolTests(TestCase):
         url = settings.REDIS_URL + ("&" if "?" in settings.REDIS_URL else "?") + f"client_name={name}"
         with override_settings(OPENOPEN8_REDIS_POOL_SIZE=2):
             state = RedisState(url)
+        self.addCleanup(state.redis.connection_pool.disconnect)
         errors: list[BaseException] = []
         barrier = threading.Barrier(24)
 
@@ -161,7 +162,6 @@ class RedisPoolTests(TestCase):
         self.assertIsNotNone(state.window_add("pool-test", 1, limit=240))  # all 240 calls were counted
         clients = [c for c in state.redis.client_list() if c.get("name") == name]
         self.assertLessEqual(len(clients), 2)
-        state.redis.connection_pool.disconnect()
 
 
 class ChannelTestActionTests(TestCase):
