@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from functools import cache
 from typing import Any, cast
 
@@ -11,7 +12,9 @@ from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
 from prometheus_client import CONTENT_TYPE_LATEST
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -42,10 +45,21 @@ def _forget_renderer_context(response: Response) -> None:
     response.renderer_context = {}  # type: ignore[attr-defined]
 
 
+class JsonAnswers(DefaultContentNegotiation):
+    """Answer JSON whatever the Accept header or a ``?format=`` says, as OpenAI's API does; DRF's negotiation refused
+    ``Accept: text/html`` with 406 and ``?format=xml`` with 404, and cost more than rendering the answer."""
+
+    def select_renderer(self, request: Request, renderers: Iterable[BaseRenderer],
+                        format_suffix: str | None = None) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
+
+
 class GatewayApi(APIView):
     """Every answer, errors included, carries ``x-request-id``: the id of the request's usage row. Bodies over
     OPENOPEN8_MAX_REQUEST_BYTES are refused with 413 before they are read."""
 
+    content_negotiation_class = JsonAnswers
     request_id = ""
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:

@@ -23,6 +23,23 @@ class ErrorHandlingTests(ApiTestCase):
                 error = assert_openai_error(self.client.get(path), 404, "invalid_request_error")
                 self.assertIn(path, error["message"])
 
+    def test_answers_are_json_whatever_the_accept_header_or_a_format_parameter_asks(self) -> None:
+        # As OpenAI's API: a browser's or an HTTP library's Accept header, or ?format=, does not change the answer.
+        make_channel(kind="placeholder", models="dall-e-2")
+        headers = {"Authorization": f"Bearer {self.key}"}
+        for accept in ("text/html", "image/png", "application/xml"):
+            with self.subTest(accept=accept):
+                r = self.client.get("/v1/models", headers={**headers, "Accept": accept})
+                self.assertEqual((r.status_code, r["Content-Type"]), (200, "application/json"))
+                r = self.client.post("/v1/images/generations?format=xml", content_type="application/json",
+                                     data={"model": "dall-e-2", "prompt": "a", "response_format": "b64_json"},
+                                     headers={**headers, "Accept": accept})
+                self.assertEqual((r.status_code, r["Content-Type"]), (200, "application/json"))
+                self.assertIn("b64_json", r.json()["data"][0])
+        error = assert_openai_error(self.client.get("/v1/nowhere", headers={"Accept": "text/html"}), 404,
+                                    "invalid_request_error")
+        self.assertIn("/v1/nowhere", error["message"])
+
     def test_a_request_for_an_unknown_host_gets_a_json_400(self) -> None:
         with override_settings(ALLOWED_HOSTS=["images.example.com"]):
             r = self.generate({"model": "dall-e-2", "prompt": "a"})
