@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from django.test import TestCase
@@ -24,6 +25,14 @@ def assert_openai_error(r: Any, status: int, type: str, code: str | None = None,
     assert error["param"] == param, error
     assert error["message"], error
     return error
+
+
+def clear_of_minute_boundary(needed: float = 10.0) -> None:
+    """Per-minute limits count in fixed windows of the clock's minutes (gateway/shared.py); a test that fills one must
+    not straddle two. Waits for the next minute when fewer than ``needed`` seconds of this one are left."""
+    left = 60 - time.time() % 60
+    if left < needed:
+        time.sleep(left + 0.05)
 
 
 def post_json(client: Client, path: str, body: Any, key: str | None) -> Any:

@@ -14,6 +14,7 @@ from django.db import connection
 from django.test import LiveServerTestCase
 
 from gateway.models import ApiToken, UsageLog
+from tests.base import clear_of_minute_boundary
 from tests.factories import make_channel, make_price, make_token
 from tests.fake_upstream import FakeUpstream
 from tests.processes import start_gateway, start_s3
@@ -71,6 +72,7 @@ class TwoNodeTests(LiveServerTestCase):
 
         # A token limit counted on one node holds on the other.
         _limited, limited_key = make_token(name="limited", requests_per_minute=2)
+        clear_of_minute_boundary()
         statuses = [self.post(i % 2, limited_key, {"model": "dall-e-2", "prompt": "a", "size": "256x256",
                                                    "response_format": "b64_json"}).status_code for i in range(4)]
         self.assertEqual(statuses, [200, 200, 429, 429])

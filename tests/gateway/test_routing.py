@@ -11,7 +11,7 @@ from django.test import LiveServerTestCase, override_settings
 from channels.models import Channel, key_fingerprint
 from gateway.models import ApiToken, UsageLog
 from gateway.shared import shared_state
-from tests.base import ApiTestCase, assert_openai_error
+from tests.base import ApiTestCase, assert_openai_error, clear_of_minute_boundary
 from tests.factories import make_channel, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream, Recorded
 from tests.processes import start_gateway
@@ -127,6 +127,7 @@ class LimitTests(ApiTestCase):
     def test_a_tokens_requests_per_minute_are_answered_429_with_retry_after(self) -> None:
         _token, key = make_token(name="limited", requests_per_minute=2)
         make_channel(kind="placeholder")
+        clear_of_minute_boundary()
         answers = [self.generate({"model": "dall-e-2", "prompt": "a", "size": "256x256"}, key=key) for _ in range(3)]
         self.assertEqual([a.status_code for a in answers[:2]], [200, 200])
         assert_openai_error(answers[2], 429, "requests", "rate_limit_exceeded")
@@ -138,6 +139,7 @@ class LimitTests(ApiTestCase):
             capped.respond(200, openai_images(2))
             other.respond(200, openai_images(2))
             make_channel(base_url=capped.url, priority=5, images_per_minute=3)
+            clear_of_minute_boundary()
             self.generate({"model": "dall-e-2", "prompt": "a", "n": 2})
             self.generate({"model": "dall-e-2", "prompt": "a", "n": 2})  # 4 > 3: not sent to the capped channel
             self.assertEqual((len(capped.requests), len(other.requests)), (1, 0))
@@ -257,6 +259,7 @@ class SharedLimitTests(LiveServerTestCase):
         _token, key = make_token(name="shared", requests_per_minute=3)
         make_channel(kind="placeholder")
         nodes = [start_gateway(self.addCleanup), start_gateway(self.addCleanup)]
+        clear_of_minute_boundary()
         statuses = [requests.post(f"{nodes[i % 2]}/v1/images/generations", timeout=30,
                                   headers={"Authorization": f"Bearer {key}"},
                                   json={"model": "dall-e-2", "prompt": "a", "size": "256x256"}).status_code
