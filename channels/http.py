@@ -20,11 +20,20 @@ from typing import IO, Any
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
+from urllib3 import BaseHTTPResponse, PoolManager, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NameResolutionError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.util import make_headers
 
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.schemas import JSONDict
 
 
@@ -172,13 +181,13 @@ def _session(guarded: bool = False) -> requests.Session:
     return session
 
 
-def _read(resp: requests.Response, max_bytes: int, into: IO[bytes]) -> None:
+def _read(resp: BaseHTTPResponse, max_bytes: int, into: IO[bytes]) -> None:
     declared = resp.headers.get("content-length", "")
     too_big = UpstreamError(f"The answer is larger than the {max_bytes}-byte cap.", channel_fault=True)
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_big
     size = 0
-    for chunk in resp.iter_content(CHUNK):
+    for chunk in resp.stream(CHUNK, decode_content=True):
         size += len(chunk)
         if size > max_bytes:
             raise too_big
@@ -197,11 +206,11 @@ def _never_connected(error: BaseException | None) -> bool:
 
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
 _pool_lock = threading.Lock()
-_pool: tuple[int, HTTPAdapter] | None = None
+_pool: tuple[int, PoolManager] | None = None
 
 
-def _provider_pool() -> HTTPAdapter:
-    """The process's connection pool for provider calls, shared by all its threads (urllib3's pools are
+def _provider_pool() -> PoolManager:
+    """The process's connection pools for provider calls, shared by all its threads (urllib3's pools are
     thread-safe). A pool per thread kept a connection per thread per provider, and with hundreds of threads taking
     turns a thread's connection had usually gone stale by its next call: a new TCP and TLS handshake instead of a
     warm connection. Made in the process that uses it (keyed by pid), so a fork never shares sockets."""
@@ -213,53 +222,81 @@ def _provider_pool() -> HTTPAdapter:
 
                 size = settings.OPENOPEN8_PROVIDER_POOL_SIZE or settings.OPENOPEN8_WORKER_REQUESTS * MAX_PARALLEL_CALLS
                 # Calls beyond ``size`` to one host at once get a connection of their own, closed after use.
-                _pool = (os.getpid(), HTTPAdapter(pool_connections=64, pool_maxsize=size, pool_block=False))
+                _pool = (os.getpid(), PoolManager(num_pools=64, maxsize=size, block=False))
     return _pool[1]
 
 
-def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool, **kwargs: Any) -> requests.Response:
+def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool, headers: dict[str, str],
+          json_body: Any = None, data: MultipartBody | None = None,
+          auth: tuple[str, str] | None = None) -> BaseHTTPResponse:
+    """The answer's head, its body left to stream. Raises requests' or urllib3's exceptions."""
     if guarded or _proxies_configured():  # image URLs follow redirects; proxies come from the environment
-        return _session(guarded).request(method, url, timeout=timeout, stream=True, **kwargs)
+        return _session(guarded).request(method, url, timeout=timeout, stream=True, headers=headers, json=json_body,
+                                         data=data, auth=auth).raw
     # A provider call follows no redirects and keeps no cookies (one provider's cookies must not reach another), so
-    # Session.request's merging of cookies, hooks and settings is skipped: measured at a quarter of the call's cost.
-    headers = {**_DEFAULT_HEADERS, **kwargs.pop("headers", {})}
-    kwargs.pop("allow_redirects", None)
-    prepared = requests.Request(method, url, headers=headers, **kwargs).prepare()
-    return _provider_pool().send(prepared, stream=True, timeout=timeout)
+    # it goes straight to urllib3's pool: requests' preparing of the request and wrapping of the answer cost a third
+    # of the call (bench/RESULTS.md).
+    headers = {**_DEFAULT_HEADERS, **headers}
+    body: Any = None
+    if data is not None:
+        headers["Content-Length"], body = str(len(data)), data
+    elif json_body is not None:
+        headers.setdefault("Content-Type", "application/json")
+        body = json.dumps(json_body, allow_nan=False).encode()
+    if auth is not None:
+        headers.update(make_headers(basic_auth=f"{auth[0]}:{auth[1]}"))
+    return _provider_pool().urlopen(method, url, body=body, headers=headers, redirect=False, retries=False,
+                                    preload_content=False, timeout=Timeout(connect=timeout[0], read=timeout[1]))
+
+
+def _broken(error: BaseException, timeout: float) -> GatewayError:
+    """The channel fault for a connection that failed or broke, from requests' or urllib3's exception."""
+    dropped = isinstance(error, (requests.ConnectionError, ProtocolError)) or (
+        isinstance(error, OSError) and not isinstance(error, requests.RequestException))
+    if not dropped:
+        return UpstreamError("The provider's answer was cut off or could not be read.", channel_fault=True,
+                             ambiguous=True)
+    if _never_connected(error):
+        return UpstreamError("The provider could not be reached.", channel_fault=True, retryable=True)
+    if "timed out" in str(error).lower():
+        return UpstreamTimeout(f"The provider stopped answering for {timeout:g} s.", channel_fault=True,
+                               ambiguous=True)
+    return UpstreamError("The provider dropped the connection before answering in full.", channel_fault=True,
+                         ambiguous=True)
 
 
 def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,
-              connect_timeout: float | None = None, **kwargs: Any) -> tuple[requests.Response, int]:
+              connect_timeout: float | None = None, **kwargs: Any) -> tuple[BaseHTTPResponse, int]:
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
     connect = min(connect_timeout or settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
     started = time.monotonic()
     try:
-        with _open(method, url, timeout=(connect, timeout), guarded=guarded, **kwargs) as resp:
-            if resp.status_code == 200 or not guarded:
+        resp = _open(method, url, timeout=(connect, timeout), guarded=guarded, **kwargs)
+        complete = False
+        try:
+            if resp.status == 200 or not guarded:
                 _read(resp, max_bytes, into)
+                complete = True
+        finally:
+            if not complete:  # a connection with part of an answer left on it must not be used again
+                resp.close()
+            resp.release_conn()
     except BlockedAddress as e:
         raise UpstreamError(f"The image URL points to a private or local address ({e}), which this gateway does "
                             "not fetch from.", channel_fault=True) from None
     except requests.TooManyRedirects:
         raise UpstreamError("The image URL redirects too many times.", channel_fault=True) from None
-    except requests.ConnectTimeout:
+    except (requests.ConnectTimeout, ConnectTimeoutError) as e:
+        if isinstance(e, NewConnectionError):  # urllib3 files a refused connection under connect timeouts
+            raise UpstreamError("The provider could not be reached.", channel_fault=True, retryable=True) from None
         raise UpstreamTimeout(f"The provider did not accept a connection within {connect:g} s.", channel_fault=True,
                               retryable=True) from None
-    except requests.ReadTimeout:
+    except (requests.ReadTimeout, ReadTimeoutError):
         raise UpstreamTimeout(f"The provider did not answer within {timeout:g} s.", channel_fault=True,
                               ambiguous=True) from None
-    except requests.ConnectionError as e:
-        if _never_connected(e):
-            raise UpstreamError("The provider could not be reached.", channel_fault=True, retryable=True) from None
-        if "timed out" in str(e).lower():
-            raise UpstreamTimeout(f"The provider stopped answering for {timeout:g} s.", channel_fault=True,
-                                  ambiguous=True) from None
-        raise UpstreamError("The provider dropped the connection before answering in full.", channel_fault=True,
-                            ambiguous=True) from None
-    except requests.RequestException:
-        raise UpstreamError("The provider's answer was cut off or could not be read.", channel_fault=True,
-                            ambiguous=True) from None
+    except (requests.RequestException, HTTPError, OSError) as e:
+        raise _broken(e, timeout) from None
     return resp, int((time.monotonic() - started) * 1000)
 
 
@@ -271,10 +308,10 @@ def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None 
         data = MultipartBody(req.form or {}, req.files)
         headers["Content-Type"] = data.content_type
     buffer = io.BytesIO()
-    resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json=req.json, data=data,
-                              auth=req.auth, allow_redirects=False, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES,
-                              into=buffer, connect_timeout=connect_timeout)
-    return UpstreamResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
+    resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json_body=req.json, data=data,
+                              auth=req.auth, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES, into=buffer,
+                              connect_timeout=connect_timeout)
+    return UpstreamResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
                             latency, req.url)
 
 
@@ -286,9 +323,10 @@ def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded:
     Raises ``UpstreamError``/``UpstreamTimeout`` (marked as channel faults; callers fetching a client's URL turn them
     into the client's error).
     """
-    resp, _latency = _exchange("GET", url, timeout=timeout, max_bytes=max_bytes, into=into, guarded=guarded)
-    if resp.status_code != 200:
-        raise UpstreamError(f"The image could not be downloaded (HTTP {resp.status_code}).", channel_fault=True,
+    resp, _latency = _exchange("GET", url, timeout=timeout, max_bytes=max_bytes, into=into, guarded=guarded,
+                               headers={})
+    if resp.status != 200:
+        raise UpstreamError(f"The image could not be downloaded (HTTP {resp.status}).", channel_fault=True,
                             retryable=True)
 
 

@@ -10,11 +10,12 @@ from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import close_old_connections, connection
 from django.http import HttpResponseBase
-from django.test import RequestFactory
+from django.test import RequestFactory, override_settings
 from django.test.utils import CaptureQueriesContext
 
 from channels import http
 from channels.models import Channel
+from gateway.errors import UpstreamError
 from gateway.models import ApiToken
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, make_price, make_token, openai_images
@@ -127,3 +128,16 @@ class ProviderConnectionTests(ApiTestCase):
                 thread.join()
         self.assertEqual(len(up.requests), 3)
         self.assertEqual(len({r.client_port for r in up.requests}), 1, [r.client_port for r in up.requests])
+
+    @override_settings(OPENOPEN8_MAX_UPSTREAM_BYTES=2000)
+    def test_a_connection_left_with_part_of_an_answer_is_not_used_again(self) -> None:
+        # An answer over the cap is abandoned half read; the rest of it must not be taken for the next answer.
+        with FakeUpstream() as up:
+            request = http.UpstreamRequest("POST", f"{up.url}/v1/images/generations", json={"prompt": "a"})
+            up.queue(200, {"data": [{"b64_json": "A" * 500_000}]})
+            up.queue(200, {"created": 2, "data": []})
+            with self.assertRaisesMessage(UpstreamError, "2000-byte cap"):
+                http.send(request, timeout=5)
+            answer = http.send(request, timeout=5)
+        self.assertEqual((answer.status, answer.json()), (200, {"created": 2, "data": []}))
+        self.assertEqual(len({r.client_port for r in up.requests}), 2)
