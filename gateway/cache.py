@@ -1,6 +1,7 @@
 """Per-process caches of what operators configure (tokens, channels, prices), so a request needs no query to find
 them. Any change an operator makes moves a configuration version that every process and node shares (Redis or the
-database); each request reads that one number and drops its process's caches when it moved.
+database); each request reads that one number and drops its process's caches when it moved. With Redis, the same
+read brings the circuits version, and the channels' circuits are kept until it moves.
 
 Writes that bypass model signals (``QuerySet.update`` on these models) must call ``config_changed()``.
 """
@@ -14,7 +15,7 @@ from django.db.models.signals import post_delete, post_save
 
 from channels.models import Channel
 from gateway.models import ApiToken, Price
-from gateway.shared import shared_state
+from gateway.shared import CircuitView, shared_state
 
 MAX_TOKEN_ENTRIES = 10_000
 
@@ -26,6 +27,9 @@ class _Cache:
         self.tokens: dict[str, list[ApiToken]] = {}
         self.channels: list[Channel] | None = None
         self.prices: dict[str, list[Price]] = {}
+        self.circuits_version: int | None = None
+        # channel id -> (the circuits version it was read under, its circuit; None when closed with no faults)
+        self.circuits: dict[int, tuple[int, CircuitView | None]] = {}
 
 
 _cache = _Cache()
@@ -33,7 +37,7 @@ _cache = _Cache()
 
 def fresh() -> _Cache:
     """The process's cache, emptied first if the shared configuration version moved. One round trip."""
-    version = shared_state().config_version()
+    version, _cache.circuits_version = shared_state().versions()
     if version != _cache.version:
         with _cache.lock:
             _cache.version, _cache.tokens, _cache.channels, _cache.prices = version, {}, None, {}
@@ -63,6 +67,19 @@ def prices_for(model: str) -> list[Price]:
     if prices is None:
         prices = _cache.prices[model] = list(Price.objects.filter(model=model))
     return prices
+
+
+def circuits_for(channel_ids: list[int]) -> dict[int, CircuitView]:
+    """The channels' circuits as ``SharedState.circuits`` gives them. Those read since the circuits version last
+    moved (read by ``fresh()`` for this request) come from the cache; the rest are read in one round trip."""
+    version, cached = _cache.circuits_version, _cache.circuits
+    if version is None:
+        return shared_state().circuits(channel_ids)
+    stale = [pk for pk in channel_ids if cached.get(pk, (None, None))[0] != version]
+    if stale:
+        read = shared_state().circuits(stale)
+        cached.update((pk, (version, read.get(pk))) for pk in stale)
+    return {pk: view for pk in channel_ids if (view := cached[pk][1]) is not None}
 
 
 def config_changed(*args: Any, **kwargs: Any) -> None:

@@ -17,6 +17,7 @@ from channels import adapters
 from channels.adapters.base import ChannelTarget
 from channels.services import channel_key_reject
 from gateway import dispatch
+from gateway.cache import circuits_for
 from gateway.errors import (
     GatewayError,
     RateLimited,
@@ -115,7 +116,7 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
     ``UpstreamTimeout`` when the deadline (monotonic) passes.
     """
     state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
-    circuits = state.circuits([t.id for t in targets])
+    circuits = circuits_for([t.id for t in targets])
     now = time.time()
     waits = [v.open_until - now for v in circuits.values() if v.state(now) == "open" and v.open_until]
     limit_waits: list[float] = []

@@ -68,8 +68,10 @@ class SharedState(Protocol):
 
     def circuit_ok(self, channel_id: int) -> None: ...
 
-    def config_version(self) -> int:
-        """A number that moves whenever an operator changes tokens, channels or prices."""
+    def versions(self) -> tuple[int, int | None]:
+        """In one round trip: a number that moves whenever an operator changes tokens, channels or prices, and one
+        that moves whenever a circuit's record changes (``None``: this backend does not keep one, so circuits are
+        read afresh each time)."""
 
     def bump_config_version(self) -> None: ...
 
@@ -132,8 +134,8 @@ class DatabaseState:
     def circuit_ok(self, channel_id: int) -> None:
         Circuit.objects.filter(channel_id=channel_id).delete()
 
-    def config_version(self) -> int:
-        return next(iter(Counter.objects.filter(key="config", window=0).values_list("count", flat=True)), 0)
+    def versions(self) -> tuple[int, int | None]:
+        return next(iter(Counter.objects.filter(key="config", window=0).values_list("count", flat=True)), 0), None
 
     def bump_config_version(self) -> None:
         try:
@@ -142,6 +144,10 @@ class DatabaseState:
             Counter.objects.filter(key="config", window=0).update(count=new_version())
 
 
+CONFIG_VERSION, CIRCUITS_VERSION = "oo8:config-version", "oo8:circuits-version"
+# Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
+# the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
+# starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
 WINDOW_ADD = """
 local count = tonumber(redis.call('GET', KEYS[1]) or '0')
 if count + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
@@ -161,6 +167,8 @@ local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '-1')
 local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
 if open_until < 0 or open_until > tonumber(ARGV[1]) or probe_until >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'probe_until', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+redis.call('INCR', KEYS[2])
 return 1
 """
 CIRCUIT_FAILED = """
@@ -173,6 +181,8 @@ if redis.call('HEXISTS', KEYS[1], 'open_until') == 1 or failures >= tonumber(ARG
   redis.call('HDEL', KEYS[1], 'probe_until')
   failures = 0
 end
+redis.call('SET', KEYS[2], ARGV[5], 'NX')
+redis.call('INCR', KEYS[2])
 return {failures, trips, redis.call('HGET', KEYS[1], 'open_until') or false}
 """
 
@@ -222,23 +232,34 @@ class RedisState:
 
     def claim_probe(self, channel_id: int, *, ttl: float) -> bool:
         now = time.time()
-        return bool(self._claim_probe(keys=[f"oo8:circuit:{channel_id}"], args=[now, now + ttl]))
+        return bool(self._claim_probe(keys=[f"oo8:circuit:{channel_id}", CIRCUITS_VERSION],
+                                      args=[now, now + ttl, new_version()]))
 
     def circuit_failed(self, channel_id: int) -> CircuitView:
         failures, trips, open_until = self._circuit_failed(
-            keys=[f"oo8:circuit:{channel_id}"],
+            keys=[f"oo8:circuit:{channel_id}", CIRCUITS_VERSION],
             args=[settings.OPENOPEN8_BREAKER_THRESHOLD, time.time(), settings.OPENOPEN8_BREAKER_COOLDOWN,
-                  settings.OPENOPEN8_BREAKER_MAX_COOLDOWN])
+                  settings.OPENOPEN8_BREAKER_MAX_COOLDOWN, new_version()])
         return CircuitView(int(failures), int(trips), float(open_until) if open_until else None)
 
     def circuit_ok(self, channel_id: int) -> None:
-        self.redis.delete(f"oo8:circuit:{channel_id}")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(f"oo8:circuit:{channel_id}")
+        pipe.set(CIRCUITS_VERSION, new_version(), nx=True)
+        pipe.incr(CIRCUITS_VERSION)
+        pipe.execute()
 
-    def config_version(self) -> int:
-        return int(self.redis.get("oo8:config-version") or 0)
+    def versions(self) -> tuple[int, int | None]:
+        config, circuits = self.redis.mget([CONFIG_VERSION, CIRCUITS_VERSION])
+        if circuits is None:  # a new or restarted Redis: start counting where no process can have seen it before
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(CIRCUITS_VERSION, new_version(), nx=True)
+            pipe.get(CIRCUITS_VERSION)
+            _, circuits = pipe.execute()
+        return int(config or 0), int(circuits)
 
     def bump_config_version(self) -> None:
-        self.redis.set("oo8:config-version", new_version())
+        self.redis.set(CONFIG_VERSION, new_version())
 
 
 @cache

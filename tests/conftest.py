@@ -43,6 +43,7 @@ def fresh_shared_state(settings: Any) -> None:
 @pytest.fixture(autouse=True)
 def fresh_process_state() -> None:
     """Per-process memos keyed by database ids: ids repeat once a test's rows are rolled back."""
-    from gateway import usage
+    from gateway import cache, usage
 
     usage._last_written.clear()
+    cache._cache.circuits.clear()

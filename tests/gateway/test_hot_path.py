@@ -3,8 +3,10 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import unittest
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
@@ -17,6 +19,7 @@ from channels import http
 from channels.models import Channel
 from gateway.errors import UpstreamError
 from gateway.models import ApiToken
+from gateway.shared import shared_state
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, make_price, make_token, openai_images
 from tests.fake_upstream import FakeUpstream
@@ -67,6 +70,34 @@ class HotPathTests(ApiTestCase):
 
     def superuser(self) -> User:
         return User.objects.create_superuser("root", "r@example.com", "pw")
+
+
+@override_settings(OPENOPEN8_BREAKER_THRESHOLD=2)
+class RedisHotPathTests(ApiTestCase):
+    def commands(self) -> dict[str, int]:
+        stats = shared_state().redis.info("commandstats")  # type: ignore[attr-defined]
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+    def test_a_warm_request_reads_redis_once_and_sees_a_circuit_opened_on_another_node(self) -> None:
+        if not settings.REDIS_URL:
+            raise unittest.SkipTest("needs REDIS_URL, as .ci/run sets it")
+        body = {"model": "dall-e-2", "prompt": "a", "response_format": "b64_json"}
+        with FakeUpstream() as first, FakeUpstream() as backup:
+            first.respond(200, openai_images(1))
+            backup.respond(200, openai_images(1))
+            channel = make_channel(base_url=first.url, priority=1)
+            make_channel(base_url=backup.url, priority=0)
+            self.assertEqual(self.generate(body).status_code, 200)  # warms the process's caches
+            before = self.commands()
+            self.assertEqual(self.generate(body).status_code, 200)
+            after = self.commands()
+            # The configuration and circuits versions, in one read; the circuits themselves come from the cache.
+            self.assertEqual({c: n - before.get(c, 0) for c, n in after.items() if n != before.get(c, 0)},
+                             {"mget": 1, "info": 1})
+            for _ in range(2):  # another node counts faults until the circuit opens
+                shared_state().circuit_failed(channel.pk)
+            self.assertEqual(self.generate(body).status_code, 200)
+        self.assertEqual((len(first.requests), len(backup.requests)), (2, 1))
 
 
 class AnswerMemoryTests(ApiTestCase):
