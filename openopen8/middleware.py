@@ -1,0 +1,40 @@
+"""The console's session, user and messages middleware, skipped for API calls.
+
+A ``/v1/`` call authenticates with its Bearer token and uses no session, no Django user and no messages, yet the three
+middleware built a session store, a lazy user and a message store (with its signer) for every call: 4.6 % of a
+generation's instructions (bench/RESULTS.md). These subclasses keep Django's, and the admin's checks that they are
+installed, for every other path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib.auth.middleware import AuthenticationMiddleware
+from django.contrib.messages.middleware import MessageMiddleware
+from django.contrib.sessions.middleware import SessionMiddleware
+from django.http import HttpRequest, HttpResponseBase
+
+API_PREFIX = "/v1/"
+
+
+class _ConsoleOnly:
+    get_response: Callable[[HttpRequest], Any]
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if request.path_info.startswith(API_PREFIX):
+            return self.get_response(request)  # type: ignore[no-any-return]
+        return super().__call__(request)  # type: ignore[misc,no-any-return]
+
+
+class ConsoleSessionMiddleware(_ConsoleOnly, SessionMiddleware):
+    pass
+
+
+class ConsoleAuthenticationMiddleware(_ConsoleOnly, AuthenticationMiddleware):
+    pass
+
+
+class ConsoleMessageMiddleware(_ConsoleOnly, MessageMiddleware):
+    pass
