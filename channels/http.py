@@ -20,7 +20,7 @@ from typing import IO, Any
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
-from urllib3 import BaseHTTPResponse, PoolManager, Timeout
+from urllib3 import BaseHTTPResponse, PoolManager, Retry, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
@@ -205,6 +205,7 @@ def _never_connected(error: BaseException | None) -> bool:
 
 
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
+_NO_RETRIES = Retry(total=False, redirect=False)  # what ``retries=False`` means, made once instead of twice a call
 _pool_lock = threading.Lock()
 _pool: tuple[int, PoolManager] | None = None
 
@@ -245,7 +246,7 @@ def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool,
         body = json.dumps(json_body, allow_nan=False).encode()
     if auth is not None:
         headers.update(make_headers(basic_auth=f"{auth[0]}:{auth[1]}"))
-    return _provider_pool().urlopen(method, url, body=body, headers=headers, redirect=False, retries=False,
+    return _provider_pool().urlopen(method, url, body=body, headers=headers, redirect=False, retries=_NO_RETRIES,
                                     preload_content=False, timeout=Timeout(connect=timeout[0], read=timeout[1]))
 
 
