@@ -133,9 +133,14 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2, "max_size": int(envnumber("OPENOPEN8_DB_POOL_SIZE", "16")), "timeout": 30}
-    # Parameters travel apart from the SQL, so the statements every request sends are prepared once per connection
-    # (psycopg prepares a query after a few runs) instead of quoted, parsed and planned each time.
+    # Parameters travel apart from the SQL, and psycopg prepares a statement once a connection has run it 5 times, so
+    # the statements every request sends are not parsed and planned each time: PostgreSQL's CPU for a generation fell
+    # from 0.89-0.95 to 0.65 ms, alternating the two at 32 connections (bench/RESULTS.md). Django leaves preparing off
+    # unless asked, for poolers that cannot carry prepared statements: set OPENOPEN8_DB_PREPARED_STATEMENTS=false
+    # behind PgBouncer in transaction mode older than 1.21.
     DATABASES["default"]["OPTIONS"]["server_side_binding"] = True
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
+        5 if envbool("OPENOPEN8_DB_PREPARED_STATEMENTS", "true") else None)
 
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}

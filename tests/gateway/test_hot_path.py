@@ -46,6 +46,21 @@ class HotPathTests(ApiTestCase):
         self.assertEqual([s for s in statements if s in ("UPDATE", "INSERT")], ["INSERT", "UPDATE", "UPDATE"],
                          queries.captured_queries)
 
+    def test_on_postgresql_the_usage_row_statements_are_prepared_once(self) -> None:
+        if connection.vendor != "postgresql":
+            raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url)
+            for _ in range(6):
+                self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}).status_code, 200)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            prepared = [row[0].split(" (")[0].split(" SET")[0] for row in cursor.fetchall()]
+        # The pending row and its completion: parsed and planned once on this connection, then only executed.
+        self.assertIn('INSERT INTO "gateway_usagelog"', prepared)
+        self.assertIn('UPDATE "gateway_usagelog"', prepared)
+
     def test_operator_changes_reach_the_cached_path_at_once(self) -> None:
         token, key = make_token(name="cached")
         with FakeUpstream() as up:
