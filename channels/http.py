@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import IO, Any
+from urllib.parse import unquote
 
+import certifi
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
-from urllib3 import BaseHTTPResponse, PoolManager, Retry, Timeout
+from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool, connection_from_url
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -206,25 +208,37 @@ def _never_connected(error: BaseException | None) -> bool:
 
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
 _NO_RETRIES = Retry(total=False, redirect=False)  # what ``retries=False`` means, made once instead of twice a call
-_pool_lock = threading.Lock()
-_pool: tuple[int, PoolManager] | None = None
+_pools_lock = threading.Lock()
+_pools: tuple[int, dict[str, HTTPConnectionPool]] | None = None
+MAX_ORIGINS = 64
 
 
-def _provider_pool() -> PoolManager:
-    """The process's connection pools for provider calls, shared by all its threads (urllib3's pools are
-    thread-safe). A pool per thread kept a connection per thread per provider, and with hundreds of threads taking
-    turns a thread's connection had usually gone stale by its next call: a new TCP and TLS handshake instead of a
-    warm connection. Made in the process that uses it (keyed by pid), so a fork never shares sockets."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        with _pool_lock:
-            if _pool is None or _pool[0] != os.getpid():
+def _provider_pool(origin: str) -> HTTPConnectionPool:
+    """The process's connection pool for one provider (``scheme://host:port``), shared by all its threads
+    (urllib3's pools are thread-safe). A pool per thread kept a connection per thread per provider, and with hundreds
+    of threads taking turns a thread's connection had usually gone stale by its next call: a new TCP and TLS handshake
+    instead of a warm connection. Made in the process that uses it (keyed by pid), so a fork never shares sockets.
+    Kept here rather than in urllib3's PoolManager, whose per-call URL parsing and pool-key building cost 4 % of a
+    generation (bench/RESULTS.md); like it, at most ``MAX_ORIGINS`` are kept, the oldest closed first."""
+    global _pools
+    if _pools is None or _pools[0] != os.getpid():
+        _pools = (os.getpid(), {})
+    pools = _pools[1]
+    pool = pools.get(origin)
+    if pool is None:
+        with _pools_lock:
+            pool = pools.get(origin)
+            if pool is None:
                 from channels.adapters import MAX_PARALLEL_CALLS  # here: the adapters import this module
 
                 size = settings.OPENOPEN8_PROVIDER_POOL_SIZE or settings.OPENOPEN8_WORKER_REQUESTS * MAX_PARALLEL_CALLS
-                # Calls beyond ``size`` to one host at once get a connection of their own, closed after use.
-                _pool = (os.getpid(), PoolManager(num_pools=64, maxsize=size, block=False))
-    return _pool[1]
+                if len(pools) >= MAX_ORIGINS:
+                    pools.pop(next(iter(pools))).close()
+                # Calls beyond ``size`` to one host at once get a connection of their own, closed after use. TLS is
+                # checked against the same CA bundle as requests uses.
+                extra = {"ca_certs": certifi.where()} if origin.startswith("https:") else {}
+                pool = pools[origin] = connection_from_url(origin, maxsize=size, block=False, **extra)
+    return pool
 
 
 def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool, headers: dict[str, str],
@@ -244,10 +258,21 @@ def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool,
     elif json_body is not None:
         headers.setdefault("Content-Type", "application/json")
         body = json.dumps(json_body, allow_nan=False).encode()
-    if auth is not None:
-        headers.update(make_headers(basic_auth=f"{auth[0]}:{auth[1]}"))
-    return _provider_pool().urlopen(method, url, body=body, headers=headers, redirect=False, retries=_NO_RETRIES,
-                                    preload_content=False, timeout=Timeout(connect=timeout[0], read=timeout[1]))
+    origin, target, userinfo = _split(url)
+    if auth is not None or userinfo:  # credentials in the URL count, as requests counted them
+        headers.update(make_headers(basic_auth=f"{auth[0]}:{auth[1]}" if auth else unquote(userinfo)))
+    return _provider_pool(origin).urlopen(method, target, body=body, headers=headers, redirect=False,
+                                          retries=_NO_RETRIES, preload_content=False,
+                                          timeout=Timeout(connect=timeout[0], read=timeout[1]))
+
+
+def _split(url: str) -> tuple[str, str, str]:
+    """``scheme://user:password@host:port/path?query`` as ``scheme://host:port``, ``/path?query`` and
+    ``user:password``."""
+    scheme, _, rest = url.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    userinfo, _, host = rest[:end].rpartition("@")
+    return f"{scheme}://{host}", rest[end:] if rest[end:end + 1] == "/" else f"/{rest[end:]}", userinfo
 
 
 def _broken(error: BaseException, timeout: float) -> GatewayError:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import threading
@@ -187,3 +188,11 @@ class ProviderConnectionTests(ApiTestCase):
             answer = http.send(request, timeout=5)
         self.assertEqual((answer.status, answer.json()), (200, {"created": 2, "data": []}))
         self.assertEqual(len({r.client_port for r in up.requests}), 2)
+
+    def test_credentials_in_a_provider_url_are_sent_as_basic_auth(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            url = up.url.replace("http://", "http://webui:p%40ss@") + "/sdapi/v1/txt2img?x=1"
+            http.send(http.UpstreamRequest("POST", url, json={"prompt": "a"}), timeout=5)
+        self.assertEqual(up.requests[0].headers["Authorization"], "Basic " + base64.b64encode(b"webui:p@ss").decode())
+        self.assertEqual(up.requests[0].path, "/sdapi/v1/txt2img?x=1")
