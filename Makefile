@@ -44,10 +44,10 @@ lint: install-dev
 	$(BIN)/mypy .
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
 
-# The benchmark needs nginx and wrk (Debian packages) and this machine's PostgreSQL and Redis.
+# The benchmark needs nginx with its echo module and wrk (Debian packages) and this machine's PostgreSQL and Redis.
 bench: install-dev
-	command -v nginx >/dev/null && command -v wrk >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq nginx wrk)
+	command -v nginx >/dev/null && command -v wrk >/dev/null && test -e /usr/lib/nginx/modules/ngx_http_echo_module.so || \
+		(apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-echo wrk)
 	$(BIN)/python bench/run.py
 
 clean:
