@@ -218,15 +218,16 @@ def _provider_pool(origin: str) -> HTTPConnectionPool:
     (urllib3's pools are thread-safe). A pool per thread kept a connection per thread per provider, and with hundreds
     of threads taking turns a thread's connection had usually gone stale by its next call: a new TCP and TLS handshake
     instead of a warm connection. Made in the process that uses it (keyed by pid), so a fork never shares sockets.
-    Kept here rather than in urllib3's PoolManager, whose per-call URL parsing and pool-key building cost 4 % of a
-    generation (bench/RESULTS.md); like it, at most ``MAX_ORIGINS`` are kept, the oldest closed first."""
+    Kept here rather than in urllib3's PoolManager, whose per-call URL parsing and pool-key building cost 2 % of a
+    generation's instructions (bench/RESULTS.md); like it, at most ``MAX_ORIGINS`` are kept, the oldest closed first."""
     global _pools
-    if _pools is None or _pools[0] != os.getpid():
-        _pools = (os.getpid(), {})
-    pools = _pools[1]
-    pool = pools.get(origin)
+    pools = _pools[1] if _pools is not None and _pools[0] == os.getpid() else None
+    pool = pools.get(origin) if pools is not None else None
     if pool is None:
         with _pools_lock:
+            if _pools is None or _pools[0] != os.getpid():
+                _pools = (os.getpid(), {})
+            pools = _pools[1]
             pool = pools.get(origin)
             if pool is None:
                 from channels.adapters import MAX_PARALLEL_CALLS  # here: the adapters import this module

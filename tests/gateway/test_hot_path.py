@@ -196,3 +196,13 @@ class ProviderConnectionTests(ApiTestCase):
             http.send(http.UpstreamRequest("POST", url, json={"prompt": "a"}), timeout=5)
         self.assertEqual(up.requests[0].headers["Authorization"], "Basic " + base64.b64encode(b"webui:p@ss").decode())
         self.assertEqual(up.requests[0].path, "/sdapi/v1/txt2img?x=1")
+
+    def test_pools_are_kept_for_at_most_max_origins_providers(self) -> None:
+        # A gateway with many channels keeps a bounded number of provider pools; the oldest is closed to make room.
+        first = http._provider_pool("http://127.0.0.1:1")
+        for port in range(2, http.MAX_ORIGINS + 2):
+            http._provider_pool(f"http://127.0.0.1:{port}")
+        assert http._pools is not None
+        self.assertEqual(len(http._pools[1]), http.MAX_ORIGINS)
+        self.assertNotIn("http://127.0.0.1:1", http._pools[1])
+        self.assertIsNone(first.pool)  # closed: its idle connections are gone
