@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import IO, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import certifi
 import requests
@@ -270,10 +270,9 @@ def _open(method: str, url: str, *, timeout: tuple[float, float], guarded: bool,
 def _split(url: str) -> tuple[str, str, str]:
     """``scheme://user:password@host:port/path?query`` as ``scheme://host:port``, ``/path?query`` and
     ``user:password``."""
-    scheme, _, rest = url.partition("://")
-    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    userinfo, _, host = rest[:end].rpartition("@")
-    return f"{scheme}://{host}", rest[end:] if rest[end:end + 1] == "/" else f"/{rest[end:]}", userinfo
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return f"{parts.scheme}://{host}", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), userinfo
 
 
 def _broken(error: BaseException, timeout: float) -> GatewayError:
