@@ -19,10 +19,32 @@ elseif os.getenv("BODY") then
   wrk.body = os.getenv("BODY")
 end
 
+-- With env WINDOW=W, each thread also counts the 200 answers that arrive in W whole seconds starting SKIP (default 3)
+-- seconds after it starts: a steady-state rate, without the first second in which no slow request can have finished
+-- yet, nor the requests still in flight when the run stops.
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+local window = tonumber(os.getenv("WINDOW") or "")
+if window then
+  local from, upto
+  steady = 0
+  function init(args)
+    from = os.time() + (tonumber(os.getenv("SKIP") or "") or 3)
+    upto = from + window
+  end
+  function response(status, headers, body)
+    local now = os.time()
+    if status == 200 and now >= from and now < upto then steady = steady + 1 end
+  end
+end
+
 function done(summary, latency, requests)
+  local steady = 0
+  for _, thread in ipairs(threads) do steady = steady + (thread:get("steady") or 0) end
   io.write(string.format(
-    'RESULT {"requests": %d, "seconds": %.3f, "p50_us": %d, "p99_us": %d, "non_2xx": %d, "errors": %d}\n',
+    'RESULT {"requests": %d, "seconds": %.3f, "p50_us": %d, "p99_us": %d, "non_2xx": %d, "errors": %d, ' ..
+    '"steady": %d}\n',
     summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(99),
     summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write +
-    summary.errors.timeout))
+    summary.errors.timeout, steady))
 end

@@ -246,17 +246,23 @@ def main() -> None:
                  f"(32 connections; p50 at 1 connection {h1['p50_us'] / 1000:.2f} ms, direct provider "
                  f"{d1['p50_us'] / 1000:.2f} ms)", "-", "-"))
 
+    # wrk's own rate counts the requests that finish within the run: none in its first second, and those in flight
+    # at its end not at all, so even the provider called directly falls short of 500/s by about 1/LONG. The rate
+    # held is what request.lua counts in the LONG - 5 whole seconds that start 2-3 s into the run, the same way for
+    # the gateway and the provider.
+    window = LONG - 5
     with Sampler(master.pid) as s500:
-        g500 = wrk(gw_url, connections=500, seconds=LONG, KEY=key, BODY=body("bench-slow"))
-    # wrk counts the requests that finish within the run: none in its first second, and those in flight at its end
-    # not at all, so even the provider called directly falls short of 500/s by about 1/LONG.
+        g500 = wrk(gw_url, connections=500, seconds=LONG, KEY=key, BODY=body("bench-slow"), WINDOW=str(window))
     d500 = wrk(f"http://127.0.0.1:{slow}/v1/images/generations", connections=500, seconds=LONG,
-               BODY=body("bench-slow"))
-    share = g500["rps"] / 500
-    rows.append(("500 clients, 1 s provider: requests/s", f"{g500['rps']:.0f} ({share:.0%} of 500)",
-                 f"(p50 {g500['p50_us'] / 1e6:.2f} s, p99 {g500['p99_us'] / 1e6:.2f} s; direct {d500['rps']:.0f}/s in "
-                 f"the same {LONG} s; non-2xx {g500['non_2xx']:.0f}, errors {g500['errors']:.0f})",
-                 ">= 90 %", ok(share >= 0.9 and not g500["non_2xx"])))
+               BODY=body("bench-slow"), WINDOW=str(window))
+    held, direct_held = g500["steady"] / window, d500["steady"] / window
+    share = held / 500
+    rows.append(("500 clients, 1 s provider: requests/s held", f"{held:.0f} ({share:.0%} of 500)",
+                 f"(direct {direct_held:.0f}/s, counted over {window} s; whole run as wrk counts it: "
+                 f"{g500['rps']:.0f}/s, direct {d500['rps']:.0f}/s; p50 {g500['p50_us'] / 1e6:.2f} s, "
+                 f"p99 {g500['p99_us'] / 1e6:.2f} s; "
+                 f"non-2xx {g500['non_2xx']:.0f}, errors {g500['errors']:.0f})",
+                 ">= 90 %", ok(share >= 0.9 and not g500["non_2xx"] and not g500["errors"])))
     rows.append(("500 clients: gateway RSS, all processes", f"{s500.peak:.0f} MB", f"(idle {idle:.0f} MB)",
                  "<= 1024 MB", ok(s500.peak <= 1024)))
 
