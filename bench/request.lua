@@ -19,9 +19,9 @@ elseif os.getenv("BODY") then
   wrk.body = os.getenv("BODY")
 end
 
--- With env WINDOW=W, each thread also counts the 200 answers that arrive in W whole seconds starting SKIP (default 3)
--- seconds after it starts: a steady-state rate, without the first second in which no slow request can have finished
--- yet, nor the requests still in flight when the run stops.
+-- With env WINDOW=W, each thread also counts the 200 answers that arrive in W whole seconds of the clock, from the
+-- SKIP-th (default 3) clock second after it starts, so 2-3 s into the run: a steady-state rate, without the first
+-- second in which no slow request can have finished yet, nor the requests still in flight when the run stops.
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 local window = tonumber(os.getenv("WINDOW") or "")
