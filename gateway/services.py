@@ -134,7 +134,7 @@ def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
     ``InsufficientQuota`` when the budget does not cover the hold."""
     log.reserved_micros = hold
     if not hold:
-        usage_insert(log)
+        usage_insert(log, durable=False)
         return
     try:
         with transaction.atomic():
