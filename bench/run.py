@@ -3,7 +3,8 @@
 Starts nginx (a canned OpenAI answer at once, and after 1 s through its echo module) and bench/provider.py (one
 answering ~3 MB of base64),
 a gateway on PostgreSQL and Redis (DATABASE_URL / REDIS_URL, defaulting to this machine's), drives both with wrk,
-samples the gateway's memory (RSS of all its processes), prints a table and writes it to bench/RESULTS.md.
+samples the gateway's memory (RSS of all its processes), counts the instructions a generation costs (callgrind, where
+valgrind is installed), prints a table and writes it to bench/last-run.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import instructions
 import psycopg
 from PIL import Image
 
@@ -284,6 +286,11 @@ def main() -> None:
     per_big = (sb.peak - before) / 8
     rows.append(("generations returning ~3 MB base64, 8 connections", f"{gb['rps']:.1f} requests/s",
                  f"(+{per_big:.1f} MB RSS per request in flight; non-2xx {gb['non_2xx']:.0f})", "-", "-"))
+    if shutil.which("valgrind"):  # the one row that does not move with the machine's speed
+        counted = instructions.per_request(env={**env, "BENCH_KEY": key})
+        rows.append(("instructions a generation (callgrind)", f"{counted / 1e6:.2f} M",
+                     "(in-process through openopen8.wsgi under gevent, without gunicorn; bench/instructions.py)",
+                     "-", "-"))
     report(rows)
 
 
