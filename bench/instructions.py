@@ -10,6 +10,7 @@ gunicorn's own parsing and writing are not in the count.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -31,6 +32,9 @@ def serve(requests: int) -> None:
     monkey.patch_all()
     sys.path.insert(0, str(ROOT))
     from openopen8.wsgi import application as app  # what gunicorn serves
+
+    gc.freeze()  # as gunicorn.conf.py's post_worker_init does in every worker
+    gc.set_threshold(int(os.environ.get("OPENOPEN8_GC_THRESHOLD", 5000)), 10, 10)
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/images/generations", "SCRIPT_NAME": "", "QUERY_STRING": "",
                "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000", "HTTP_HOST": "127.0.0.1:8000",
                "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(BODY)),
