@@ -9,12 +9,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from channels.adapters.base import ChannelTarget
 from gateway import dispatch
-from gateway.billing import budget_reserve, budget_settle
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
@@ -24,7 +22,7 @@ from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
 from gateway.shared import shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert, usage_new
+from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert, usage_insert_holding, usage_new
 
 
 @contextmanager
@@ -120,30 +118,16 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         # written at all: its usage rows are its ledger, so its requests do not queue on its one row.
         unused = log.reserved_micros - log.cost_micros
         log.reserved_micros = 0
-        if unused > 0:
-            with transaction.atomic():
-                usage_finish(log)
-                budget_settle(token_id=token.pk, micros=-unused)
-        else:
-            usage_finish(log)
+        usage_finish(log, refund=(token.pk, unused) if unused > 0 else None)
 
 
 def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
-    """Write the pending row, with the budget hold in the same transaction (or neither). The token's row is
-    updated last, so concurrent requests of one token wait on its lock only for a commit. Raises
+    """Write the pending row, with the budget hold in the same transaction (or neither). Raises
     ``InsufficientQuota`` when the budget does not cover the hold."""
-    log.reserved_micros = hold
-    if not hold:
+    if hold:
+        usage_insert_holding(log, token_id=token.pk, micros=hold)
+    else:
         usage_insert(log, durable=False)
-        return
-    try:
-        with transaction.atomic():
-            usage_insert(log)
-            budget_reserve(token_id=token.pk, micros=hold)
-    except BaseException:
-        log.pk, log.reserved_micros = None, 0  # rolled back: nothing was written or held
-        log._state.adding = True
-        raise
 
 
 def token_create(*, name: str, budget_micros: int | None = None, allowed_models: str = "",

@@ -8,12 +8,13 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from channels.adapters.base import ChannelTarget
 from channels.models import Channel
+from gateway.billing import budget_reserve, budget_settle, budget_statements, quota_exceeded
 from gateway.errors import GatewayError
 from gateway.models import ApiToken, UsageLog
 from gateway.schemas import ImageRequest
@@ -89,6 +90,10 @@ class _Statements(NamedTuple):
     insert: str
     pending: str  # the insert, for a pending row without a budget hold (see usage_insert)
     update: str
+    # PostgreSQL: the pending insert with its budget hold, and the completion with its refund, each one statement
+    # (elsewhere: two, in a transaction).
+    holding: str | None
+    refunding: str | None
 
 
 @cache
@@ -100,16 +105,31 @@ def _statements(vendor: str) -> _Statements:
     marks = ", ".join(["%s"] * len(_INSERT_FIELDS))
     assignments = ", ".join(f"{quote(f.column)} = %s" for f in _COMPLETION)
     insert = f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING {pk}"
-    # On PostgreSQL the statement turns synchronous_commit off for its own transaction only (set_config's is_local),
-    # in the same round trip: evaluated in RETURNING, before the commit that reads it.
-    pending = f"{insert}, set_config('synchronous_commit', 'off', true)" if vendor == "postgresql" else insert
-    return _Statements(insert, pending, f"UPDATE {table} SET {assignments} WHERE {pk} = %s")
+    update = f"UPDATE {table} SET {assignments} WHERE {pk} = %s"
+    if vendor != "postgresql":
+        return _Statements(insert, insert, update, None, None)
+    # synchronous_commit goes off for the statement's own transaction only (set_config's is_local), in the same round
+    # trip: evaluated in RETURNING, before the commit that reads it.
+    pending = f"{insert}, set_config('synchronous_commit', 'off', true)"
+    hold, settle = budget_statements(vendor)
+    # Data-modifying WITH clauses run once, whether or not the statement reads them. The row's values are cast, as
+    # in a SELECT they would not take their columns' types; to the type without its length, which an explicit cast
+    # would cut values to instead of refusing them.
+    casts = ", ".join(f"%s::{f.cast_db_type(connection).split('(')[0]}" for f in _INSERT_FIELDS)
+    holding = (f"WITH hold AS ({hold} RETURNING 1) "
+               f"INSERT INTO {table} ({columns}) SELECT {casts} WHERE EXISTS (SELECT 1 FROM hold) RETURNING {pk}")
+    return _Statements(insert, pending, update, holding, f"WITH refund AS ({settle}) {update}")
 
 
 def _values(log: UsageLog, how: list[tuple[str, Any]], adding: bool, db: BaseDatabaseWrapper) -> list[Any]:
     row = log.__dict__
     return [row[name] if field is None else field.get_db_prep_save(field.pre_save(log, adding), db)
             for name, field in how]
+
+
+def _inserted(log: UsageLog, pk: int, db: BaseDatabaseWrapper) -> None:
+    log.pk = pk
+    log._state.adding, log._state.db = False, db.alias
 
 
 # ``django.db.connection`` is a proxy that finds this thread's connection on every attribute read, and the fields read
@@ -129,17 +149,53 @@ def usage_insert(log: UsageLog, *, durable: bool = True) -> None:
     insert = statements.insert if durable or db.in_atomic_block else statements.pending
     with db.cursor() as cursor:
         cursor.execute(insert, _values(log, _INSERT_VALUES, True, db))
-        log.pk = cursor.fetchone()[0]
-    log._state.adding, log._state.db = False, db.alias
+        _inserted(log, cursor.fetchone()[0], db)
 
 
-def usage_finish(log: UsageLog) -> None:
-    """Write the completed row: an update of what changed if it was written pending, else the whole row (also when
-    the pending row is no longer there)."""
-    if log.pk is not None:
-        db = connections[DEFAULT_DB_ALIAS]
+def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
+    """Insert the pending row with a hold of ``micros`` on the token's budget: both or neither, committed durably.
+    Raises ``InsufficientQuota`` when the budget does not cover the hold; nothing is written or held then."""
+    log.reserved_micros = micros
+    db = connections[DEFAULT_DB_ALIAS]
+    holding = _statements(db.vendor).holding
+    try:
+        if holding is None:
+            with transaction.atomic(using=db.alias):
+                usage_insert(log)
+                budget_reserve(token_id=token_id, micros=micros)
+            return
         with db.cursor() as cursor:
-            cursor.execute(_statements(db.vendor).update, [*_values(log, _COMPLETION_VALUES, False, db), log.pk])
+            cursor.execute(holding, [micros, token_id, micros, *_values(log, _INSERT_VALUES, True, db)])
+            row = cursor.fetchone()
+        if row is None:
+            raise quota_exceeded()
+        _inserted(log, row[0], db)
+    except BaseException:
+        log.pk, log.reserved_micros = None, 0  # rolled back: nothing was written or held
+        log._state.adding = True
+        raise
+
+
+def usage_finish(log: UsageLog, *, refund: tuple[int, int] | None = None) -> None:
+    """Write the completed row: an update of what changed if it was written pending, else the whole row (also when
+    the pending row is no longer there). ``refund`` (token id, micros) gives that much of the row's hold back to the
+    token in the same transaction."""
+    db = connections[DEFAULT_DB_ALIAS]
+    statements = _statements(db.vendor)
+    if refund is not None and statements.refunding is None:
+        with transaction.atomic(using=db.alias):
+            _complete(log, db, statements.update, [])
+            budget_settle(token_id=refund[0], micros=-refund[1])
+    elif refund is not None:
+        _complete(log, db, statements.refunding or "", [-refund[1], refund[0]])
+    else:
+        _complete(log, db, statements.update, [])
+
+
+def _complete(log: UsageLog, db: BaseDatabaseWrapper, update: str, first: list[Any]) -> None:
+    if log.pk is not None:
+        with db.cursor() as cursor:
+            cursor.execute(update, [*first, *_values(log, _COMPLETION_VALUES, False, db), log.pk])
             if cursor.rowcount:
                 return
         log.pk = None

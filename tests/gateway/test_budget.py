@@ -52,6 +52,9 @@ class BudgetTests(ApiTestCase):
         assert_openai_error(r, 429, "insufficient_quota", "insufficient_quota")
         self.assertEqual(up.requests, [])
         self.assertEqual(self.spent(token), 0)
+        log = UsageLog.objects.get()  # one row, refused, holding nothing
+        self.assertEqual((log.status, log.error_code, log.reserved_micros, log.cost_micros, log.request_id),
+                         ("error", "insufficient_quota", 0, 0, r["x-request-id"]))
 
     def test_fewer_images_than_asked_are_charged_as_delivered(self) -> None:
         token, key = make_token(budget="1")
