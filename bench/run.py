@@ -202,6 +202,8 @@ def main() -> None:
     subprocess.run(["redis-cli", "-u", REDIS_URL, "flushdb"], check=False, capture_output=True)
     manage("migrate", "-v0", env=env)
     key = manage("createtoken", "bench", env=env).strip().splitlines()[-1]
+    # A key with a budget holds each request's price before the provider is called: measured apart, at one connection.
+    budget_key = manage("createtoken", "bench-budget", "--budget", "1000000", env=env).strip().splitlines()[-1]
     for name, url, models in (("fast", f"http://127.0.0.1:{fast}/v1", "bench-fast,gpt-image-1.5"),
                               ("slow", f"http://127.0.0.1:{slow}/v1", "bench-slow"),
                               ("big", f"http://127.0.0.1:{big}/v1", "bench-big")):
@@ -230,6 +232,10 @@ def main() -> None:
                  f"gateway {g1['p50_us'] / 1000:.2f} ms)", "<= 2 ms", ok(added50 <= 2)))
     rows.append(("added latency p99, 1 connection", f"{added99:.2f} ms", f"(direct {d1['p99_us'] / 1000:.2f} ms, "
                  f"gateway {g1['p99_us'] / 1000:.2f} ms)", "-", "-"))
+    b1 = wrk(gw_url, connections=1, threads=1, KEY=budget_key, BODY=body("bench-fast"))
+    budget50, budget99 = (b1["p50_us"] - d1["p50_us"]) / 1000, (b1["p99_us"] - d1["p99_us"]) / 1000
+    rows.append(("added latency p50, 1 connection, a key with a budget", f"{budget50:.2f} ms",
+                 f"(p99 {budget99:.2f} ms; each request holds the image's $0.01 from the budget)", "-", "-"))
 
     d32 = wrk(direct, connections=32, BODY=body("bench-fast"))
     gateway_cpu, pg_cpu = cpu_seconds(gateway_processes(master.pid)), cpu_seconds(postgres_processes())
