@@ -182,14 +182,14 @@ def usage_finish(log: UsageLog, *, refund: tuple[int, int] | None = None) -> Non
     token in the same transaction."""
     db = connections[DEFAULT_DB_ALIAS]
     statements = _statements(db.vendor)
-    if refund is not None and statements.refunding is None:
+    if refund is None:
+        _complete(log, db, statements.update, [])
+    elif statements.refunding is not None:
+        _complete(log, db, statements.refunding, [-refund[1], refund[0]])
+    else:
         with transaction.atomic(using=db.alias):
             _complete(log, db, statements.update, [])
             budget_settle(token_id=refund[0], micros=-refund[1])
-    elif refund is not None:
-        _complete(log, db, statements.refunding or "", [-refund[1], refund[0]])
-    else:
-        _complete(log, db, statements.update, [])
 
 
 def _complete(log: UsageLog, db: BaseDatabaseWrapper, update: str, first: list[Any]) -> None:
