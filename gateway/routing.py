@@ -55,22 +55,21 @@ def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayErr
 @contextmanager
 def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iterator[float | None]:
     """Hold the channel's limits for one attempt: yields ``None`` when within them, else seconds to wait."""
-    if target.images_per_minute is not None:
-        wait = state.window_add(f"ipm:channel:{target.id}", images, limit=target.images_per_minute)
-        if wait is not None:
-            yield wait
-            return
-    lease = None
-    if target.max_in_flight is not None:
-        lease = state.lease(f"inflight:channel:{target.id}", limit=target.max_in_flight, ttl=lease_ttl())
-        if lease is None:
-            yield 1.0
-            return
+    per_minute, in_flight = target.images_per_minute, target.max_in_flight
+    if per_minute is None and in_flight is None:
+        yield None
+        return
+    lease_key = f"inflight:channel:{target.id}"
+    admitted = state.admit(window=(f"ipm:channel:{target.id}", images, per_minute) if per_minute is not None else None,
+                           lease=(lease_key, in_flight, lease_ttl()) if in_flight is not None else None)
+    if admitted.refused is not None:
+        yield admitted.wait if admitted.refused == "window" else 1.0
+        return
     try:
         yield None
     finally:
-        if lease is not None:
-            state.release(f"inflight:channel:{target.id}", lease)
+        if admitted.lease_id is not None:
+            state.release(lease_key, admitted.lease_id)
 
 
 def _release_database() -> None:

@@ -27,24 +27,26 @@ from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert
 
 @contextmanager
 def token_slot(token: ApiToken) -> Iterator[None]:
-    """Hold the token's limits for one request. Raises ``RateLimited`` (429, with Retry-After) when over one."""
-    state = shared_state()
-    if token.requests_per_minute is not None:
-        wait = state.window_add(f"rpm:token:{token.pk}", 1, limit=token.requests_per_minute)
-        if wait is not None:
-            raise RateLimited(f"Rate limit reached for this API key: {token.requests_per_minute} requests per minute."
-                              " Try again shortly.", retry_after=max(1, math.ceil(wait)))
-    lease = None
-    if token.max_in_flight is not None:
-        lease = state.lease(f"inflight:token:{token.pk}", limit=token.max_in_flight, ttl=lease_ttl())
-        if lease is None:
-            raise RateLimited(f"This API key already has {token.max_in_flight} request(s) running; wait for one to "
-                              "finish.", retry_after=1)
+    """Hold the token's limits for one request. Raises ``RateLimited`` (429, with Retry-After) when over one; a
+    request refused by one limit uses up nothing of the other."""
+    rpm, in_flight = token.requests_per_minute, token.max_in_flight
+    if rpm is None and in_flight is None:
+        yield
+        return
+    state, lease_key = shared_state(), f"inflight:token:{token.pk}"
+    admitted = state.admit(window=(f"rpm:token:{token.pk}", 1, rpm) if rpm is not None else None,
+                           lease=(lease_key, in_flight, lease_ttl()) if in_flight is not None else None)
+    if admitted.refused == "window":
+        raise RateLimited(f"Rate limit reached for this API key: {rpm} requests per minute. Try again shortly.",
+                          retry_after=max(1, math.ceil(admitted.wait)))
+    if admitted.refused == "lease":
+        raise RateLimited(f"This API key already has {in_flight} request(s) running; wait for one to finish.",
+                          retry_after=1)
     try:
         yield
     finally:
-        if lease is not None:
-            state.release(f"inflight:token:{token.pk}", lease)
+        if admitted.lease_id is not None:
+            state.release(lease_key, admitted.lease_id)
 
 
 def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:

@@ -36,6 +36,21 @@ class CircuitView:
         return "open" if self.open_until > now else "half_open"
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What ``SharedState.admit`` decided: ``refused`` is None (admitted, holding ``lease_id`` if a lease was asked
+    for), ``"window"`` (the window is full for ``wait`` more seconds) or ``"lease"`` (every place is taken)."""
+
+    refused: str | None = None
+    wait: float = 0.0
+    lease_id: str | None = None
+
+
+# A window to count in (key, amount, limit) and a lease to take (key, limit, ttl), for SharedState.admit.
+Window = tuple[str, int, int]
+LeaseAsk = tuple[str, int, float]
+
+
 def cooldown(trips: int) -> float:
     """Seconds a circuit stays open after its ``trips``-th consecutive trip: doubling, capped."""
     doubled = settings.OPENOPEN8_BREAKER_COOLDOWN * 2 ** max(trips - 1, 0)
@@ -57,6 +72,10 @@ class SharedState(Protocol):
         """Take one of ``limit`` places; return its id, or ``None`` when all are taken. It lapses after ``ttl``."""
 
     def release(self, key: str, lease_id: str) -> None: ...
+
+    def admit(self, *, window: Window | None, lease: LeaseAsk | None) -> Admission:
+        """Count in the window (per minute) and take a lease, both or neither, in one step: a request refused by
+        one limit uses up nothing of the other."""
 
     def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]: ...
 
@@ -110,6 +129,21 @@ class DatabaseState:
     def release(self, key: str, lease_id: str) -> None:
         Lease.objects.filter(holder=lease_id).delete()
 
+    def admit(self, *, window: Window | None, lease: LeaseAsk | None) -> Admission:
+        # The lease first: it can be given back if the window then refuses, where a count could not be taken back.
+        lease_id = None
+        if lease is not None:
+            lease_id = self.lease(lease[0], limit=lease[1], ttl=lease[2])
+            if lease_id is None:
+                return Admission("lease")
+        if window is not None:
+            wait = self.window_add(window[0], window[1], limit=window[2])
+            if wait is not None:
+                if lease is not None and lease_id is not None:
+                    self.release(lease[0], lease_id)
+                return Admission("window", wait)
+        return Admission(lease_id=lease_id)
+
     def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]:
         return {c.channel_id: CircuitView(c.failures, c.trips, c.open_until)
                 for c in Circuit.objects.filter(channel_id__in=channel_ids)}
@@ -148,19 +182,24 @@ CONFIG_VERSION, CIRCUITS_VERSION = "oo8:config-version", "oo8:circuits-version"
 # Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
 # the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
 # starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
-WINDOW_ADD = """
-local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-if count + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-LEASE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
+# A window (KEYS[1]: ARGV[1] counted against the limit ARGV[2], the key kept ARGV[3] s) and a lease (KEYS[2]: places
+# expire at their score, ARGV[4] is now, ARGV[5] the limit, ARGV[6] the new place's expiry and ARGV[7] its holder, the
+# key kept ARGV[8] s), both or neither; an empty key name skips that limit. Returns 0 (admitted), 1 (window), 2 (lease).
+ADMIT = """
+if KEYS[1] ~= '' and tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+  return 1
+end
+if KEYS[2] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 2 end
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+end
+if KEYS[1] ~= '' then
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return 0
 """
 CLAIM_PROBE = """
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '-1')
@@ -198,22 +237,29 @@ class RedisState:
             url, max_connections=settings.OPENOPEN8_REDIS_POOL_SIZE, timeout=settings.OPENOPEN8_REDIS_POOL_TIMEOUT,
             socket_timeout=2, socket_connect_timeout=2, health_check_interval=30)
         self.redis = redis.Redis(connection_pool=pool)
-        self._window_add = self.redis.register_script(WINDOW_ADD)
-        self._lease = self.redis.register_script(LEASE)
+        self._admit = self.redis.register_script(ADMIT)
         self._claim_probe = self.redis.register_script(CLAIM_PROBE)
         self._circuit_failed = self.redis.register_script(CIRCUIT_FAILED)
 
     def window_add(self, key: str, amount: int, *, limit: int, window: int = 60) -> float | None:
-        now = time.time()
-        start = int(now // window) * window
-        if self._window_add(keys=[f"oo8:{key}:{start}"], args=[amount, limit, window * 2]):
-            return None
-        return start + window - now
+        admitted = self.admit(window=(key, amount, limit), lease=None, seconds=window)
+        return admitted.wait if admitted.refused else None
 
     def lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        return self.admit(window=None, lease=(key, limit, ttl)).lease_id
+
+    def admit(self, *, window: Window | None, lease: LeaseAsk | None, seconds: int = 60) -> Admission:
         now, holder = time.time(), uuid.uuid4().hex
-        taken = self._lease(keys=[f"oo8:lease:{key}"], args=[now, limit, now + ttl, holder, math.ceil(ttl) + 60])
-        return holder if taken else None
+        start = int(now // seconds) * seconds
+        window_key, amount, limit = (f"oo8:{window[0]}:{start}", window[1], window[2]) if window else ("", 0, 0)
+        lease_key, places, ttl = (f"oo8:lease:{lease[0]}", lease[1], lease[2]) if lease else ("", 0, 0.0)
+        refused = self._admit(keys=[window_key, lease_key],
+                              args=[amount, limit, seconds * 2, now, places, now + ttl, holder, math.ceil(ttl) + 60])
+        if refused == 1:
+            return Admission("window", start + seconds - now)
+        if refused == 2:
+            return Admission("lease")
+        return Admission(lease_id=holder if lease else None)
 
     def release(self, key: str, lease_id: str) -> None:
         self.redis.zrem(f"oo8:lease:{key}", lease_id)

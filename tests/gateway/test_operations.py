@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 import unittest
+import uuid
 from datetime import timedelta
 
 from django.conf import settings
@@ -15,7 +16,7 @@ from channels.models import Channel
 from gateway.models import ApiToken, UsageLog
 from gateway.shared import DatabaseState, RedisState, shared_state
 from gateway.sweeper import usage_sweep
-from tests.base import ApiTestCase
+from tests.base import ApiTestCase, clear_of_minute_boundary
 from tests.factories import make_channel, make_token, make_usage_log, openai_images
 from tests.fake_upstream import FakeUpstream
 
@@ -102,6 +103,25 @@ class SweeperTests(TestCase):
         out = StringIO()
         call_command("sweep", stdout=out)
         self.assertIn("Swept 0 abandoned request(s).", out.getvalue())
+
+
+class AdmissionTests(TestCase):
+    def test_a_request_refused_by_one_limit_uses_up_nothing_of_the_other(self) -> None:
+        for state in {type(s): s for s in (DatabaseState(), shared_state())}.values():  # Redis too, where configured
+            with self.subTest(type(state).__name__):
+                clear_of_minute_boundary()
+                rpm, places = (f"rpm:{uuid.uuid4().hex}", 1, 2), f"inflight:{uuid.uuid4().hex}"
+                first = state.admit(window=rpm, lease=(places, 1, 30))
+                self.assertEqual((first.refused, bool(first.lease_id)), (None, True))
+                # The one place is taken: refused, and not counted against the minute's two.
+                self.assertEqual(state.admit(window=rpm, lease=(places, 1, 30)).refused, "lease")
+                state.release(places, str(first.lease_id))
+                self.assertIsNone(state.admit(window=rpm, lease=(places, 2, 30)).refused)  # the second of two
+                full = state.admit(window=rpm, lease=(places, 2, 30))
+                self.assertEqual(full.refused, "window")
+                self.assertTrue(0 < full.wait <= 60)
+                # The request the window refused took no place: one is still free of two.
+                self.assertIsNotNone(state.admit(window=None, lease=(places, 2, 30)).lease_id)
 
 
 class DatabaseStateTests(TestCase):
