@@ -178,10 +178,6 @@ class DatabaseState:
             Counter.objects.filter(key="config", window=0).update(count=new_version())
 
 
-CONFIG_VERSION, CIRCUITS_VERSION = "oo8:config-version", "oo8:circuits-version"
-# Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
-# the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
-# starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
 # A window (KEYS[1]: ARGV[1] counted against the limit ARGV[2], the key kept ARGV[3] s) and a lease (KEYS[2]: places
 # expire at their score, ARGV[4] is now, ARGV[5] the limit, ARGV[6] the new place's expiry and ARGV[7] its holder, the
 # key kept ARGV[8] s), both or neither; an empty key name skips that limit. Returns 0 (admitted), 1 (window), 2 (lease).
@@ -201,6 +197,10 @@ if KEYS[1] ~= '' then
 end
 return 0
 """
+CONFIG_VERSION, CIRCUITS_VERSION = "oo8:config-version", "oo8:circuits-version"
+# Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
+# the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
+# starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
 CLAIM_PROBE = """
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '-1')
 local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
