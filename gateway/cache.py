@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from django.db import connection, transaction
 from django.db.models.signals import post_delete, post_save
 
 from channels.models import Channel
@@ -83,8 +84,16 @@ def circuits_for(channel_ids: list[int]) -> dict[int, CircuitView]:
 
 
 def config_changed(*args: Any, **kwargs: Any) -> None:
-    """Tell every process that tokens, channels or prices changed."""
-    shared_state().bump_config_version()
+    """Tell every process that tokens, channels or prices changed: now, and again once the change is committed.
+
+    Said only now, a process could read the row between this and the commit (the admin saves inside a transaction),
+    and keep the old row in its cache under the new version until the next change: a disabled key would go on
+    working. The second announcement, after the commit, drops that copy. (Said only after the commit, this
+    transaction's own reads would miss the change.)"""
+    state = shared_state()
+    state.bump_config_version()
+    if connection.in_atomic_block:
+        transaction.on_commit(state.bump_config_version)
 
 
 for model in (ApiToken, Channel, Price):

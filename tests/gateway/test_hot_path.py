@@ -11,17 +11,18 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 from django.http import HttpResponseBase
-from django.test import RequestFactory, override_settings
+from django.test import RequestFactory, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
 
 from channels import http
 from channels.models import Channel
+from gateway import cache
 from gateway.errors import UpstreamError
-from gateway.models import ApiToken
+from gateway.models import ApiToken, key_prefix
 from gateway.shared import shared_state
-from tests.base import ApiTestCase, assert_openai_error
+from tests.base import ApiTestCase, assert_openai_error, post_json
 from tests.factories import make_channel, make_price, make_token, openai_images
 from tests.fake_upstream import FakeUpstream
 
@@ -87,6 +88,29 @@ class HotPathTests(ApiTestCase):
 
     def superuser(self) -> User:
         return User.objects.create_superuser("root", "r@example.com", "pw")
+
+
+class ChangeInTransactionTests(TransactionTestCase):
+    def test_a_key_read_by_another_request_before_its_change_commits_is_not_kept(self) -> None:
+        # The admin saves inside a transaction. A request elsewhere that reads the key between the save and the
+        # commit sees the old row; the cache must not go on serving that row once the change is committed.
+        token, key = make_token(name="late")
+
+        def another_request() -> None:
+            try:
+                found = cache.tokens_with_prefix(key_prefix(key))
+                self.assertTrue(found and found[0].enabled)  # the change is not committed yet
+            finally:
+                connection.close()
+
+        with transaction.atomic():
+            token.enabled = False
+            token.save()
+            reader = threading.Thread(target=another_request)
+            reader.start()
+            reader.join()
+        assert_openai_error(post_json(self.client, "/v1/images/generations", {"model": "dall-e-2", "prompt": "a"},
+                                      key), 401, "invalid_request_error", "invalid_api_key")
 
 
 @override_settings(OPENOPEN8_BREAKER_THRESHOLD=2)
