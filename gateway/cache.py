@@ -1,7 +1,8 @@
 """Per-process caches of what operators configure (tokens, channels, prices), so a request needs no query to find
 them. Any change an operator makes moves a configuration version that every process and node shares (Redis or the
-database); each request reads that one number and drops its process's caches when it moved. With Redis, the same
-read brings the circuits version, and the channels' circuits are kept until it moves.
+database); each request checks that number and drops its process's caches when it moved. With Redis it also checks
+the circuits version, and the channels' circuits are kept until that moves; both come from the process's
+subscription to their changes (gateway/shared.py, VersionListener), without a round trip.
 
 Writes that bypass model signals (``QuerySet.update`` on these models) must call ``config_changed()``.
 """

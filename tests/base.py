@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.test import TestCase
@@ -33,6 +34,15 @@ def clear_of_minute_boundary(needed: float = 10.0) -> None:
     left = 60 - time.time() % 60
     if left < needed:
         time.sleep(left + 0.05)
+
+
+def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
+    """Wait for something that happens asynchronously (a message between processes, say) to become true."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within:g} s")
+        time.sleep(0.01)
 
 
 def post_json(client: Client, path: str, body: Any, key: str | None) -> Any:

@@ -4,8 +4,10 @@ import base64
 import gc
 import json
 import threading
+import time
 import unittest
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -21,8 +23,8 @@ from channels.models import Channel
 from gateway import cache
 from gateway.errors import UpstreamError
 from gateway.models import ApiToken, key_prefix
-from gateway.shared import shared_state
-from tests.base import ApiTestCase, assert_openai_error, post_json
+from gateway.shared import RedisState, shared_state
+from tests.base import ApiTestCase, assert_openai_error, eventually, post_json
 from tests.factories import make_channel, make_price, make_token, openai_images
 from tests.fake_upstream import FakeUpstream
 
@@ -115,30 +117,77 @@ class ChangeInTransactionTests(TransactionTestCase):
 
 @override_settings(OPENOPEN8_BREAKER_THRESHOLD=2)
 class RedisHotPathTests(ApiTestCase):
-    def commands(self) -> dict[str, int]:
-        stats = shared_state().redis.info("commandstats")  # type: ignore[attr-defined]
-        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    """With Redis, each process holds the configuration and circuits versions from a subscription to their changes:
+    a warm request asks Redis nothing, and a change on another node still reaches it."""
 
-    def test_a_warm_request_reads_redis_once_and_sees_a_circuit_opened_on_another_node(self) -> None:
+    BODY = {"model": "dall-e-2", "prompt": "a", "response_format": "b64_json"}
+
+    def setUp(self) -> None:
         if not settings.REDIS_URL:
             raise unittest.SkipTest("needs REDIS_URL, as .ci/run sets it")
-        body = {"model": "dall-e-2", "prompt": "a", "response_format": "b64_json"}
+        super().setUp()
+        self.state = cast(RedisState, shared_state())
+        self.state.versions()  # starts this process's listener if no test has yet
+        self.other_node = RedisState(settings.REDIS_URL)  # the same Redis, its own process-local view
+        # Each test starts from an emptied Redis: the first read starts a circuits version, and this process hears it.
+        eventually(lambda: self.state.listening() and self.state.versions() == self.other_node.read_versions())
+
+    def commands(self) -> dict[str, int]:
+        stats = self.state.redis.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+    def commands_of(self, call: Callable[[], Any]) -> dict[str, int]:
+        before = self.commands()
+        call()
+        after = self.commands()
+        return {c: n - before.get(c, 0) for c, n in after.items() if n != before.get(c, 0) and c != "info"}
+
+    def test_a_warm_request_asks_redis_nothing_and_sees_a_circuit_opened_on_another_node(self) -> None:
         with FakeUpstream() as first, FakeUpstream() as backup:
             first.respond(200, openai_images(1))
             backup.respond(200, openai_images(1))
             channel = make_channel(base_url=first.url, priority=1)
             make_channel(base_url=backup.url, priority=0)
-            self.assertEqual(self.generate(body).status_code, 200)  # warms the process's caches
-            before = self.commands()
-            self.assertEqual(self.generate(body).status_code, 200)
-            after = self.commands()
-            # The configuration and circuits versions, in one read; the circuits themselves come from the cache.
-            self.assertEqual({c: n - before.get(c, 0) for c, n in after.items() if n != before.get(c, 0)},
-                             {"mget": 1, "info": 1})
+            self.assertEqual(self.generate(self.BODY).status_code, 200)  # warms the process's caches
+            self.assertEqual(self.commands_of(lambda: self.assertEqual(self.generate(self.BODY).status_code, 200)),
+                             {})
             for _ in range(2):  # another node counts faults until the circuit opens
-                shared_state().circuit_failed(channel.pk)
-            self.assertEqual(self.generate(body).status_code, 200)
+                opened = self.other_node.circuit_failed(channel.pk)
+            eventually(lambda: self.state.versions() == self.other_node.read_versions())
+            self.assertEqual(self.generate(self.BODY).status_code, 200)
+        self.assertEqual(opened.state(time.time()), "open")
         self.assertEqual((len(first.requests), len(backup.requests)), (2, 1))
+
+    def test_an_operator_change_on_another_node_reaches_this_one(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            channel = make_channel(base_url=up.url)
+            self.assertEqual(self.generate(self.BODY).status_code, 200)
+            Channel.objects.filter(pk=channel.pk).update(enabled=False)  # no signal: this process is not told
+            self.other_node.bump_config_version()  # ...but another node announces the change
+            eventually(lambda: self.state.versions() == self.other_node.read_versions())
+            assert_openai_error(self.generate(self.BODY), 404, "invalid_request_error", "model_not_found", "model")
+
+    def test_while_the_subscription_is_lost_requests_read_the_versions_themselves(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            channel = make_channel(base_url=up.url)
+            self.assertEqual(self.generate(self.BODY).status_code, 200)
+            self.state.redis.client_kill_filter(_type="pubsub")
+            eventually(lambda: not self.state.listening())
+            # A change announced while nobody listens is not missed: each request reads the versions.
+            Channel.objects.filter(pk=channel.pk).update(enabled=False)
+            self.other_node.bump_config_version()
+            missing: list[Any] = []
+            self.assertEqual(self.commands_of(lambda: missing.append(self.generate(self.BODY))), {"mget": 1})
+            assert_openai_error(missing[0], 404, "invalid_request_error", "model_not_found", "model")
+            # Subscribed again, the process reads what it missed and asks nothing per request.
+            eventually(self.state.listening)
+            Channel.objects.filter(pk=channel.pk).update(enabled=True)
+            self.other_node.bump_config_version()
+            eventually(lambda: self.state.versions() == self.other_node.read_versions())
+            self.assertEqual(self.commands_of(lambda: self.assertEqual(self.generate(self.BODY).status_code, 200)),
+                             {})
 
 
 class AnswerMemoryTests(ApiTestCase):
