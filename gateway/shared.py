@@ -94,9 +94,9 @@ class SharedState(Protocol):
     def circuit_ok(self, channel_id: int) -> None: ...
 
     def versions(self) -> tuple[int, int | None]:
-        """In one round trip: a number that moves whenever an operator changes tokens, channels or prices, and one
-        that moves whenever a circuit's record changes (``None``: this backend does not keep one, so circuits are
-        read afresh each time)."""
+        """In one round trip at most: a number that moves whenever an operator changes tokens, channels or prices,
+        and one that moves whenever a circuit's record changes (``None``: this backend does not keep one, so circuits
+        are read afresh each time)."""
 
     def bump_config_version(self) -> None: ...
 
@@ -407,13 +407,16 @@ class VersionListener:
         import redis
 
         client = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=LISTEN_TRUST_S)
+        retrying = False
         while True:
             pubsub = client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 self._listen(pubsub)
             except Exception:  # Redis went away or answered oddly: requests read for themselves meanwhile
-                log.warning("the versions subscription failed; requests read the versions from Redis until it is "
-                            "back", exc_info=True)
+                if self.last_heard > -math.inf or not retrying:  # once an outage, not at every retry
+                    log.warning("the versions subscription failed; requests read the versions from Redis until it is "
+                                "back", exc_info=True)
+                retrying = True
             finally:
                 self.last_heard, self.config, self.circuits = -math.inf, None, None
                 pubsub.close()
