@@ -204,10 +204,6 @@ end
 return 0
 """
 CONFIG_VERSION, CIRCUITS_VERSION = "oo8:config-version", "oo8:circuits-version"
-# Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
-# the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
-# starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
-# The new version is published on the versions channel (for every process's VersionListener) and returned.
 
 
 def _move_circuits_version(start: int, channel: int) -> str:
@@ -220,6 +216,10 @@ redis.call('PUBLISH', ARGV[{channel}], 'circuits ' .. version)
 """
 
 
+# Every change to a circuit's record (a fault counted, a trip, a probe claimed, a reset) moves the circuits version in
+# the same atomic step, so a process may keep the circuits it read until that version moves (gateway/cache.py). It
+# starts at a random number, so a Redis that restarted empty cannot count back up to a version a process still holds.
+# The new version is published on the versions channel (for every process's VersionListener) and returned.
 CLAIM_PROBE = """
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '-1')
 local probe_until = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
