@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.hosting import images_deliver
 from gateway.models import UsageLog
 from gateway.schemas import ImageRequest, ImagesResponse
-from gateway.shared import CircuitView, SharedState, shared_state
+from gateway.shared import CircuitView, SharedState, admitted, shared_state
 from gateway.usage import attempt_record
 
 _rng = random.Random()
@@ -59,17 +59,11 @@ def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iter
     if per_minute is None and in_flight is None:
         yield None
         return
-    lease_key = f"inflight:channel:{target.id}"
-    admitted = state.admit(window=(f"ipm:channel:{target.id}", images, per_minute) if per_minute is not None else None,
-                           lease=(lease_key, in_flight, lease_ttl()) if in_flight is not None else None)
-    if admitted.refused is not None:
-        yield admitted.wait if admitted.refused == "window" else 1.0
-        return
-    try:
-        yield None
-    finally:
-        if admitted.lease_id is not None:
-            state.release(lease_key, admitted.lease_id)
+    with admitted(state, window=(f"ipm:channel:{target.id}", images, per_minute) if per_minute is not None else None,
+                  lease=(f"inflight:channel:{target.id}", in_flight, lease_ttl()) if in_flight is not None else None
+                  ) as admission:
+        refused = admission.refused
+        yield None if refused is None else admission.wait if refused == "window" else 1.0
 
 
 def _release_database() -> None:

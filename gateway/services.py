@@ -20,7 +20,7 @@ from gateway.routing import images_route, lease_ttl
 from gateway.rules import check_request
 from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
-from gateway.shared import shared_state
+from gateway.shared import admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
 from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert, usage_insert_holding, usage_new
 
@@ -33,20 +33,16 @@ def token_slot(token: ApiToken) -> Iterator[None]:
     if rpm is None and in_flight is None:
         yield
         return
-    state, lease_key = shared_state(), f"inflight:token:{token.pk}"
-    admitted = state.admit(window=(f"rpm:token:{token.pk}", 1, rpm) if rpm is not None else None,
-                           lease=(lease_key, in_flight, lease_ttl()) if in_flight is not None else None)
-    if admitted.refused == "window":
-        raise RateLimited(f"Rate limit reached for this API key: {rpm} requests per minute. Try again shortly.",
-                          retry_after=max(1, math.ceil(admitted.wait)))
-    if admitted.refused == "lease":
-        raise RateLimited(f"This API key already has {in_flight} request(s) running; wait for one to finish.",
-                          retry_after=1)
-    try:
+    with admitted(shared_state(), window=(f"rpm:token:{token.pk}", 1, rpm) if rpm is not None else None,
+                  lease=(f"inflight:token:{token.pk}", in_flight, lease_ttl()) if in_flight is not None else None
+                  ) as admission:
+        if admission.refused == "window":
+            raise RateLimited(f"Rate limit reached for this API key: {rpm} requests per minute. Try again shortly.",
+                              retry_after=max(1, math.ceil(admission.wait)))
+        if admission.refused == "lease":
+            raise RateLimited(f"This API key already has {in_flight} request(s) running; wait for one to finish.",
+                              retry_after=1)
         yield
-    finally:
-        if admitted.lease_id is not None:
-            state.release(lease_key, admitted.lease_id)
 
 
 def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:

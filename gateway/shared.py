@@ -14,7 +14,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
@@ -55,6 +56,17 @@ class Admission:
 # A window to count in (key, amount, limit) and a lease to take (key, limit, ttl), for SharedState.admit.
 Window = tuple[str, int, int]
 LeaseAsk = tuple[str, int, float]
+
+
+@contextmanager
+def admitted(state: SharedState, *, window: Window | None, lease: LeaseAsk | None) -> Iterator[Admission]:
+    """``state.admit(window=, lease=)`` for the block, the lease (if one was taken) given back when it ends."""
+    admission = state.admit(window=window, lease=lease)
+    try:
+        yield admission
+    finally:
+        if lease is not None and admission.lease_id is not None:
+            state.release(lease[0], admission.lease_id)
 
 
 def cooldown(trips: int) -> float:
