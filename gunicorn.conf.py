@@ -20,6 +20,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ def post_worker_init(worker: Any) -> None:
     from gateway.sweeper import start_sweeper
 
     start_sweeper()
+    # Completed usage rows are written after the answer has gone (OPENOPEN8_WRITE_AFTER_ANSWER; gateway/usage.py).
+    from gateway.usage import usage_writers_start
+
+    usage_writers_start()
     # Python's cyclic garbage collector, with its defaults, ran every 700 new objects and rescanned the ~100,000 that
     # loading Django made, which live as long as the worker. Measured with 500 clients on a 1 s provider, a worker spent
     # 0.9-1.3 s of a 15 s run collecting (about a tenth of its CPU), with full collections of up to 250 ms holding all
@@ -73,6 +78,14 @@ def post_worker_init(worker: Any) -> None:
     # objects: 0.48-0.55 s and 0.11-0.13 s, no full collection in either run (bench/RESULTS.md).
     gc.freeze()
     gc.set_threshold(int(os.environ.get("OPENOPEN8_GC_THRESHOLD", 5000)), 10, 10)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    # A worker stopping gracefully writes the usage rows it still holds; any left after this the sweeper fails and
+    # refunds. (A worker that never loaded the app has none.)
+    usage = sys.modules.get("gateway.usage")
+    if usage is not None:
+        usage.usage_writers_drain(timeout=float(os.environ.get("OPENOPEN8_WRITERS_DRAIN_TIMEOUT", 10)))
 
 
 def child_exit(server: Any, worker: Any) -> None:

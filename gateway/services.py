@@ -22,7 +22,7 @@ from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
 from gateway.shared import admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import usage_describe, usage_fail, usage_finish, usage_insert, usage_insert_holding, usage_new
+from gateway.usage import usage_complete, usage_describe, usage_fail, usage_insert, usage_insert_holding, usage_new
 
 
 @contextmanager
@@ -116,7 +116,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         # written at all: its usage rows are its ledger, so its requests do not queue on its one row.
         unused = log.reserved_micros - log.cost_micros
         log.reserved_micros = 0
-        usage_finish(log, refund=(token.pk, unused) if unused > 0 else None)
+        usage_complete(log, refund=(token.pk, unused) if unused > 0 else None)
 
 
 def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:

@@ -18,8 +18,11 @@ from gateway.models import Counter, Lease, UsageLog
 
 log = logging.getLogger(__name__)
 
+# How long past the request deadline a pending row is left before it counts as abandoned.
+SWEEP_GRACE_S = 60.0
 
-def usage_sweep(*, grace: float = 60.0) -> int:
+
+def usage_sweep(*, grace: float = SWEEP_GRACE_S) -> int:
     """Fail and refund pending rows older than the request deadline plus ``grace`` seconds; return how many.
 
     Each row is claimed by one conditional UPDATE, so sweepers on several workers or nodes never refund twice.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import queue
+import threading
 import time
 from functools import cache
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
@@ -18,6 +21,9 @@ from gateway.billing import budget_reserve, budget_settle, budget_statements, qu
 from gateway.errors import GatewayError
 from gateway.models import ApiToken, UsageLog
 from gateway.schemas import ImageRequest
+from gateway.sweeper import SWEEP_GRACE_S
+
+logger = logging.getLogger(__name__)
 
 
 def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> UsageLog:
@@ -61,6 +67,8 @@ def attempt_record(target: ChannelTarget, *, latency_ms: int, error: GatewayErro
     return {"channel": target.id, "name": target.name, "outcome": "error", "status": error.status,
             "code": error.code, "message": error.message[:500], "latency_ms": latency_ms}
 
+
+Refund = tuple[int, int]  # what a completion gives back to a budget: token id, micros
 
 # What changes once a pending row is written: the completion writes these only.
 COMPLETION_FIELDS = [
@@ -176,7 +184,7 @@ def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
         raise
 
 
-def usage_finish(log: UsageLog, *, refund: tuple[int, int] | None = None) -> None:
+def usage_finish(log: UsageLog, *, refund: Refund | None = None) -> None:
     """Write the completed row: an update of what changed if it was written pending, else the whole row (also when
     the pending row is no longer there). ``refund`` (token id, micros) gives that much of the row's hold back to the
     token in the same transaction."""
@@ -200,6 +208,111 @@ def _complete(log: UsageLog, db: BaseDatabaseWrapper, update: str, first: list[A
                 return
         log.pk = None
     usage_insert(log)
+
+
+# A completion's first retry waits this long, doubling up to the maximum (seconds).
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
+
+
+def usage_finish_retrying(log: UsageLog, *, refund: Refund | None, until: float) -> bool:
+    """``usage_finish``, tried again while the database cannot be reached, until ``until`` (``time.time()``); return
+    whether the row was written. A try can fail after its commit (the answer lost on the way back), so each retry
+    first looks whether the row is still to be written: pending, or not there at all."""
+    delay, tries = RETRY_FIRST_S, 0
+    while True:
+        try:
+            if tries == 0 or _unwritten(log):
+                usage_finish(log, refund=refund)
+            if tries:
+                logger.warning("usage row of request %s written after %d retries", log.request_id, tries)
+            return True
+        except (OperationalError, InterfaceError) as error:
+            connections[DEFAULT_DB_ALIAS].close()  # a broken connection goes; the next try takes another
+            if time.time() + delay > until:
+                logger.error("usage row of request %s not written, database unreachable (%s); the sweeper will fail "
+                             "it and refund its hold", log.request_id, type(error).__name__)
+                return False
+            if not tries:
+                logger.warning("usage row of request %s not written (%s); trying again", log.request_id,
+                               type(error).__name__)
+        except Exception:
+            logger.exception("usage row of request %s not written; the sweeper will fail it and refund its hold",
+                             log.request_id)
+            return False
+        tries += 1
+        time.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _unwritten(log: UsageLog) -> bool:
+    status = UsageLog.objects.filter(request_id=log.request_id).values_list("status", flat=True).first()
+    return status in (None, UsageLog.Status.PENDING)
+
+
+class UsageWriters:
+    """A few threads (greenlets under gevent) that write completed rows handed to them, so that the answer does not
+    wait for the commit: on PostgreSQL a durable commit waits for the disk, 0.4-0.9 ms of a generation at one
+    connection on the bench machine (bench/RESULTS.md, runs 32-33).
+
+    What a request owes is already safe before its answer goes: the budget hold is committed durably before any
+    provider is called, and the completion only gives back what was not delivered. A database that goes away is
+    retried until half the sweeper's grace is left; a worker killed before its rows are written leaves them pending
+    for the sweeper, as a worker killed mid-request does, and one that stops gracefully writes them first
+    (``drain``). When ``backlog`` rows wait already, a request writes its own.
+    """
+
+    def __init__(self, *, count: int = 4, backlog: int = 1000) -> None:
+        self._queue: queue.Queue[tuple[UsageLog, Refund | None]] = queue.Queue(backlog)
+        for number in range(count):
+            threading.Thread(target=self._run, name=f"openopen8-usage-writer-{number}", daemon=True).start()
+
+    def submit(self, log: UsageLog, refund: Refund | None) -> bool:
+        """Hand the row over; ``False`` when the backlog is full and the caller must write it."""
+        try:
+            self._queue.put_nowait((log, refund))
+        except queue.Full:
+            return False
+        return True
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the rows handed over to be written; return how many are left."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.01)
+        return self._queue.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            log, refund = self._queue.get()
+            try:
+                usage_finish_retrying(log, refund=refund, until=log.created_at.timestamp()
+                                      + settings.OPENOPEN8_REQUEST_DEADLINE + SWEEP_GRACE_S / 2)
+            finally:
+                self._queue.task_done()
+            if self._queue.empty():
+                connections[DEFAULT_DB_ALIAS].close()  # back to the pool while there is nothing to write
+
+
+_writers: UsageWriters | None = None
+
+
+def usage_writers_start() -> None:
+    """Start this process's usage writers (gunicorn's post_worker_init), when OPENOPEN8_WRITE_AFTER_ANSWER is on and
+    the database is PostgreSQL: SQLite's commits hold the whole process, so there is nothing to overlap."""
+    global _writers
+    if _writers is None and settings.OPENOPEN8_WRITE_AFTER_ANSWER and connection.vendor == "postgresql":
+        _writers = UsageWriters()
+
+
+def usage_writers_drain(timeout: float) -> int:
+    """Write what the usage writers still hold, for up to ``timeout`` seconds; return how many rows are left."""
+    return _writers.drain(timeout) if _writers is not None else 0
+
+
+def usage_complete(log: UsageLog, *, refund: Refund | None) -> None:
+    """Write the completed row: by the usage writers where they run (after the answer has gone), else now."""
+    if _writers is None or not _writers.submit(log, refund):
+        usage_finish(log, refund=refund)
 
 
 def usage_fail(log: UsageLog, error: GatewayError) -> None:

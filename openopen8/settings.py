@@ -100,6 +100,9 @@ OPENOPEN8_BREAKER_MAX_COOLDOWN = float(envnumber("OPENOPEN8_BREAKER_MAX_COOLDOWN
 OPENOPEN8_REQUEST_DEADLINE = float(envnumber("OPENOPEN8_REQUEST_DEADLINE", "300", float))
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = float(envnumber("OPENOPEN8_SWEEP_INTERVAL", "60", float))
+# gunicorn workers on PostgreSQL write a request's completed usage row after its answer has gone out, retrying while
+# the database is away (gateway/usage.py::UsageWriters); off: the answer waits for the row's commit.
+OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
 # Keep the prompt text in usage logs (off: only its length and a hash are kept).
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
 # A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.

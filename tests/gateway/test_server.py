@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+import unittest
 from typing import Any
 
 import requests
+from django.db import connection, transaction
 from django.test import TransactionTestCase
 
-from gateway.models import UsageLog
-from tests.factories import make_channel, make_token, openai_images, png_bytes
+from gateway.models import ApiToken, UsageLog
+from tests.base import eventually
+from tests.factories import make_channel, make_price, make_token, openai_images, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
-from tests.processes import start_gateway
+from tests.processes import gateway_process, start_gateway
 
 
 class SlowProvider:
@@ -64,9 +67,9 @@ class ProductionServerTests(TransactionTestCase):
             # Hosted URLs work through the same worker.
             url = next(a.json()["data"][0]["url"] for a in answers if "url" in a.json()["data"][0])
             self.assertEqual(requests.get(url, timeout=10).content, png_bytes())
-        logs = UsageLog.objects.all()
-        self.assertEqual(len(logs), clients)
-        self.assertEqual({log.status for log in logs}, {UsageLog.Status.SUCCESS})
+        # Each row is completed, on PostgreSQL just after its answer (UsageAfterAnswerTests).
+        eventually(lambda: UsageLog.objects.filter(status=UsageLog.Status.SUCCESS).count() == clients)
+        self.assertEqual(UsageLog.objects.count(), clients)
 
     def test_n_images_from_a_one_image_provider_are_asked_for_in_parallel(self) -> None:
         # Seedream (ark) makes one image a call: n=3 is three provider calls, made at once inside the worker.
@@ -82,3 +85,72 @@ class ProductionServerTests(TransactionTestCase):
             self.assertEqual(answer.status_code, 200, answer.text)
             self.assertEqual(len(answer.json()["data"]), 3)
             self.assertEqual((len(up.requests), slow.most), (3, 3))
+
+
+class UsageAfterAnswerTests(TransactionTestCase):
+    """On PostgreSQL a worker answers first and writes the completed usage row just after, so the answer does not wait
+    for the row's commit; the row is written as soon as the database takes it, also by a worker that is stopping."""
+
+    def setUp(self) -> None:
+        if connection.vendor != "postgresql":
+            raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
+        make_price(model="dall-e-2", size="256x256", usd="0.016")
+        self.token, self.key = make_token(name="later", budget="1.00")
+        self.release = threading.Event()
+        self.answers: list[requests.Response] = []
+
+    def provider(self, _request: Recorded) -> dict[str, Any]:
+        self.release.wait(30)
+        return openai_images(1)  # of the two asked for: the completion gives one image's hold back
+
+    def ask(self, gateway: str) -> threading.Thread:
+        def one() -> None:
+            self.answers.append(requests.post(
+                f"{gateway}/v1/images/generations", timeout=30, headers={"Authorization": f"Bearer {self.key}"},
+                json={"model": "dall-e-2", "prompt": "a", "n": 2, "size": "256x256", "response_format": "b64_json"}))
+
+        thread = threading.Thread(target=one)
+        thread.start()
+        return thread
+
+    def answered_while_the_row_is_locked(self, up: FakeUpstream, thread: threading.Thread) -> None:
+        """With the pending row locked (its completion cannot commit), the client still gets its answer."""
+        eventually(lambda: len(up.requests) == 1)
+        row = UsageLog.objects.select_for_update().get()
+        self.assertEqual((row.status, row.reserved_micros), (UsageLog.Status.PENDING, 32000))
+        self.release.set()
+        thread.join(10)
+        self.assertEqual([(a.status_code, len(a.json()["data"])) for a in self.answers], [(200, 1)])
+        self.assertEqual(ApiToken.objects.get(pk=self.token.pk).spent_micros, 32000)  # both images still held
+
+    def assert_completed(self) -> None:
+        eventually(lambda: UsageLog.objects.get().status == UsageLog.Status.SUCCESS)
+        row = UsageLog.objects.get()
+        self.assertEqual((row.images_returned, row.cost_micros, row.reserved_micros), (1, 16000, 0))
+        self.assertEqual(ApiToken.objects.get(pk=self.token.pk).spent_micros, 16000)
+
+    def test_the_answer_does_not_wait_for_the_usage_row_which_follows_once_the_database_takes_it(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, self.provider)
+            make_channel(base_url=up.url, models="dall-e-2")
+            thread = self.ask(start_gateway(self.addCleanup))
+            with transaction.atomic():
+                self.answered_while_the_row_is_locked(up, thread)
+                self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.PENDING)
+        self.assert_completed()
+
+    def test_a_worker_stopped_after_answering_writes_the_row_before_it_exits(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, self.provider)
+            make_channel(base_url=up.url, models="dall-e-2")
+            gateway, master = gateway_process(self.addCleanup)
+            thread = self.ask(gateway)
+            with transaction.atomic():
+                self.answered_while_the_row_is_locked(up, thread)
+                master.terminate()  # a graceful stop, as at a deploy
+                # A worker with nothing in flight is gone within about 6 s (its database pool waits 5 s at exit for
+                # the connection the blocked write holds). This one waits for its row.
+                time.sleep(7)
+                self.assertIsNone(master.poll())
+        self.assertEqual(master.wait(10), 0)
+        self.assert_completed()

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import time
 import unittest
 from typing import Any
 
+import psycopg
 from django.db import connection, transaction
 from django.test import TransactionTestCase
+from django.utils import timezone
 
-from gateway.models import UsageLog
-from gateway.usage import _INSERT_VALUES, _statements, _values, usage_insert, usage_new
+from gateway.models import ApiToken, UsageLog
+from gateway.usage import (
+    _INSERT_VALUES,
+    _statements,
+    _values,
+    usage_finish,
+    usage_finish_retrying,
+    usage_insert,
+    usage_insert_holding,
+    usage_new,
+)
 from tests.base import post_json
 from tests.factories import make_channel, make_token, openai_images
 from tests.fake_upstream import FakeUpstream, Recorded
+from tests.processes import database_url
 
 
 class UsageRowTests(TransactionTestCase):
@@ -57,3 +70,52 @@ class UsageRowTests(TransactionTestCase):
     def values(self, token: Any) -> list[Any]:
         log = usage_new(token=token, endpoint="generations", request_id="req_1", body={})
         return _values(log, _INSERT_VALUES, True, connection)
+
+
+class CompletionRetryTests(TransactionTestCase):
+    """A completion written after the answer (gunicorn workers on PostgreSQL) is tried again when the database goes
+    away, and never written twice."""
+
+    def setUp(self) -> None:
+        if connection.vendor != "postgresql":
+            raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
+        self.token, _key = make_token(budget="1.00")
+        self.log = usage_new(token=self.token, endpoint="generations", request_id="req_retry", body={"prompt": "a"})
+        usage_insert_holding(self.log, token_id=self.token.pk, micros=32000)  # two images held
+        self.log.status, self.log.http_status, self.log.images_returned = UsageLog.Status.SUCCESS, 200, 1
+        self.log.cost_micros, self.log.completed_at = 16000, timezone.now()
+        self.log.reserved_micros = 0  # as the request path leaves it: what was not delivered is refunded
+
+    def lose_connection(self) -> None:
+        """The database ends this process's connection, as when it restarts or a proxy drops it."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        with psycopg.connect(database_url(), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    def spent(self) -> int:
+        return ApiToken.objects.get(pk=self.token.pk).spent_micros
+
+    def test_a_completion_that_lost_its_connection_is_written_on_a_retry(self) -> None:
+        self.lose_connection()
+        with self.assertLogs("gateway.usage", "WARNING") as logs:
+            self.assertTrue(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time() + 10))
+        self.assertIn("trying again", logs.output[0])
+        row = UsageLog.objects.get()
+        self.assertEqual((row.status, row.images_returned, row.reserved_micros), ("success", 1, 0))
+        self.assertEqual(self.spent(), 16000)  # the undelivered image's hold given back, once
+
+    def test_a_retry_finds_a_completion_that_was_committed_and_does_not_repeat_it(self) -> None:
+        # As when the commit went through but its answer was lost on the way back.
+        usage_finish(self.log, refund=(self.token.pk, 16000))
+        self.lose_connection()
+        self.assertTrue(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time() + 10))
+        self.assertEqual(self.spent(), 16000)  # not refunded twice
+
+    def test_a_completion_gives_up_for_the_sweeper_when_the_database_stays_away(self) -> None:
+        self.lose_connection()
+        with self.assertLogs("gateway.usage", "ERROR"):
+            self.assertFalse(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time()))
+        self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.PENDING)  # the sweeper fails and refunds it
+        self.assertEqual(self.spent(), 32000)
