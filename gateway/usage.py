@@ -249,10 +249,13 @@ def _unwritten(log: UsageLog) -> bool:
     return status in (None, UsageLog.Status.PENDING)
 
 
+IDLE_S = 1.0  # a writer keeps its database connection while rows keep coming, and gives it back after this long
+
+
 class UsageWriters:
     """A few threads (greenlets under gevent) that write completed rows handed to them, so that the answer does not
-    wait for the commit: on PostgreSQL a durable commit waits for the disk, 0.4-0.9 ms of a generation at one
-    connection on the bench machine (bench/RESULTS.md, runs 32-33).
+    wait for the commit: on PostgreSQL a durable commit waits for the disk, and a generation at one connection came
+    back 0.3-1.2 ms sooner without that wait (bench/RESULTS.md, runs 32-33).
 
     What a request owes is already safe before its answer goes: the budget hold is committed durably before any
     provider is called, and the completion only gives back what was not delivered. A database that goes away is
@@ -283,14 +286,16 @@ class UsageWriters:
 
     def _run(self) -> None:
         while True:
-            log, refund = self._queue.get()
+            try:
+                log, refund = self._queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                connections[DEFAULT_DB_ALIAS].close()  # back to the pool while there is nothing to write
+                log, refund = self._queue.get()
             try:
                 usage_finish_retrying(log, refund=refund, until=log.created_at.timestamp()
                                       + settings.OPENOPEN8_REQUEST_DEADLINE + SWEEP_GRACE_S / 2)
             finally:
                 self._queue.task_done()
-            if self._queue.empty():
-                connections[DEFAULT_DB_ALIAS].close()  # back to the pool while there is nothing to write
 
 
 _writers: UsageWriters | None = None
