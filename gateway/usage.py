@@ -227,7 +227,7 @@ def usage_finish_retrying(log: UsageLog, *, refund: Refund | None, until: float)
                 logger.warning("usage row of request %s written after %d retries", log.request_id, tries)
             return True
         except (OperationalError, InterfaceError) as error:
-            connections[DEFAULT_DB_ALIAS].close()  # a broken connection goes; the next try takes another
+            _close_connection()  # a broken connection goes; the next try takes another
             if time.time() + delay > until:
                 logger.error("usage row of request %s not written, database unreachable (%s); the sweeper will fail "
                              "it and refund its hold", log.request_id, type(error).__name__)
@@ -242,6 +242,15 @@ def usage_finish_retrying(log: UsageLog, *, refund: Refund | None, until: float)
         tries += 1
         time.sleep(delay)
         delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _close_connection() -> None:
+    """Close this thread's database connection (back to the pool), whatever state it is in: a usage writer must
+    outlive a failing database."""
+    try:
+        connections[DEFAULT_DB_ALIAS].close()
+    except Exception:
+        logger.exception("could not close a database connection")
 
 
 def _unwritten(log: UsageLog) -> bool:
@@ -289,7 +298,7 @@ class UsageWriters:
             try:
                 log, refund = self._queue.get(timeout=IDLE_S)
             except queue.Empty:
-                connections[DEFAULT_DB_ALIAS].close()  # back to the pool while there is nothing to write
+                _close_connection()  # back to the pool while there is nothing to write
                 log, refund = self._queue.get()
             try:
                 usage_finish_retrying(log, refund=refund, until=log.created_at.timestamp()
