@@ -264,7 +264,7 @@ IDLE_S = 1.0  # a writer keeps its database connection while rows keep coming, a
 class UsageWriters:
     """A few threads (greenlets under gevent) that write completed rows handed to them, so that the answer does not
     wait for the commit: on PostgreSQL a durable commit waits for the disk, and without that wait a generation at one
-    connection came back about 1.1 ms sooner on the bench machine (bench/RESULTS.md, runs 32-33).
+    connection came back about 1.1 ms sooner on the bench machine (bench/RESULTS.md, runs 32-34).
 
     What a request owes is already safe before its answer goes: the budget hold is committed durably before any
     provider is called, and the completion only gives back what was not delivered. A database that goes away is
