@@ -7,6 +7,7 @@ import io
 import ipaddress
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import certifi
 import requests
 from django.conf import settings
+from gevent import monkey  # type: ignore[import-untyped]
 from requests.adapters import HTTPAdapter
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -206,6 +208,34 @@ def _never_connected(error: BaseException | None) -> bool:
     return False
 
 
+# The operating system's poll, whatever gevent patched: urllib3 asks whether a pooled connection was closed by the
+# provider before every reuse, with a poll that should not wait, and gevent's poll still gives every other request of
+# the worker its turn first. Under load that turn took 30-66 ms, at the start of every provider call (bench/RESULTS.md).
+_os_poll = monkey.get_original("select", "poll")
+
+
+class _ReusedAtOnce:
+    """A provider connection whose reuse check answers at once."""
+
+    sock: socket.socket | None
+
+    @property
+    def is_connected(self) -> bool:
+        if self.sock is None:
+            return False
+        poller = _os_poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)  # readable while idle: the provider closed it (or sent what nobody asked for)
+
+
+class _ProviderHTTPConnection(_ReusedAtOnce, HTTPConnection):
+    pass
+
+
+class _ProviderHTTPSConnection(_ReusedAtOnce, HTTPSConnection):
+    pass
+
+
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
 _NO_RETRIES = Retry(total=False, redirect=False)  # what ``retries=False`` means, made once instead of twice a call
 _pools_lock = threading.Lock()
@@ -237,8 +267,10 @@ def _provider_pool(origin: str) -> HTTPConnectionPool:
                     pools.pop(next(iter(pools))).close()
                 # Calls beyond ``size`` to one host at once get a connection of their own, closed after use. TLS is
                 # checked against the same CA bundle as requests uses.
-                extra = {"ca_certs": certifi.where()} if origin.startswith("https:") else {}
+                https = origin.startswith("https:")
+                extra = {"ca_certs": certifi.where()} if https else {}
                 pool = pools[origin] = connection_from_url(origin, maxsize=size, block=False, **extra)
+                pool.ConnectionCls = _ProviderHTTPSConnection if https else _ProviderHTTPConnection
     return pool
 
 
