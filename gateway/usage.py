@@ -102,6 +102,14 @@ class _Statements(NamedTuple):
     # (elsewhere: two, in a transaction).
     holding: str | None
     refunding: str | None
+    # PostgreSQL: the completions of several requests in one statement (UsageWriters): one array a column, so that
+    # one prepared statement serves any number of rows.
+    update_many: str | None
+
+
+def _cast(field: Any) -> str:
+    """The column's type without its length, which an explicit cast would cut values to instead of refusing them."""
+    return str(field.cast_db_type(connection)).split("(")[0]
 
 
 @cache
@@ -115,18 +123,23 @@ def _statements(vendor: str) -> _Statements:
     insert = f"INSERT INTO {table} ({columns}) VALUES ({marks}) RETURNING {pk}"
     update = f"UPDATE {table} SET {assignments} WHERE {pk} = %s"
     if vendor != "postgresql":
-        return _Statements(insert, insert, update, None, None)
+        return _Statements(insert, insert, update, None, None, None)
     # synchronous_commit goes off for the statement's own transaction only (set_config's is_local), in the same round
     # trip: evaluated in RETURNING, before the commit that reads it.
     pending = f"{insert}, set_config('synchronous_commit', 'off', true)"
     hold, settle = budget_statements(vendor)
     # Data-modifying WITH clauses run once, whether or not the statement reads them. The row's values are cast, as
-    # in a SELECT they would not take their columns' types; to the type without its length, which an explicit cast
-    # would cut values to instead of refusing them.
-    casts = ", ".join(f"%s::{f.cast_db_type(connection).split('(')[0]}" for f in _INSERT_FIELDS)
+    # in a SELECT they would not take their columns' types.
+    casts = ", ".join(f"%s::{_cast(f)}" for f in _INSERT_FIELDS)
     holding = (f"WITH hold AS ({hold} RETURNING 1) "
                f"INSERT INTO {table} ({columns}) SELECT {casts} WHERE EXISTS (SELECT 1 FROM hold) RETURNING {pk}")
-    return _Statements(insert, pending, update, holding, f"WITH refund AS ({settle}) {update}")
+    names = [f"c{i}" for i in range(len(_COMPLETION))]
+    update_many = (f"UPDATE {table} SET " + ", ".join(f"{quote(f.column)} = v.{name}"
+                                                     for f, name in zip(_COMPLETION, names, strict=True))
+                   + " FROM unnest(" + ", ".join(f"%s::{_cast(f)}[]" for f in _COMPLETION)
+                   + f", %s::{_cast(pk_field)}[]) AS v({', '.join(names)}, pk) WHERE {table}.{pk} = v.pk "
+                   f"RETURNING {table}.{pk}")
+    return _Statements(insert, pending, update, holding, f"WITH refund AS ({settle}) {update}", update_many)
 
 
 def _values(log: UsageLog, how: list[tuple[str, Any]], adding: bool, db: BaseDatabaseWrapper) -> list[Any]:
@@ -184,6 +197,15 @@ def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
         raise
 
 
+# The most rows one statement writes: a burst of requests is written in statements of up to this many rows.
+BATCH_MAX = 100
+
+
+def _columns(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rows of values as one list a column, the parameters of the ``_many`` statements."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 def usage_finish(log: UsageLog, *, refund: Refund | None = None) -> None:
     """Write the completed row: an update of what changed if it was written pending, else the whole row (also when
     the pending row is no longer there). ``refund`` (token id, micros) gives that much of the row's hold back to the
@@ -208,6 +230,22 @@ def _complete(log: UsageLog, db: BaseDatabaseWrapper, update: str, first: list[A
                 return
         log.pk = None
     usage_insert(log)
+
+
+def usage_finish_many(logs: list[UsageLog]) -> None:
+    """``usage_finish`` for several rows written pending, none with a refund, in one statement (PostgreSQL). Writing
+    a completion again writes the same values, so a batch that failed after its commit may be written again."""
+    db = connections[DEFAULT_DB_ALIAS]
+    statement = _statements(db.vendor).update_many
+    assert statement is not None  # PostgreSQL only: the usage writers run on nothing else
+    rows = [[*_values(log, _COMPLETION_VALUES, False, db), log.pk] for log in logs]
+    with db.cursor() as cursor:
+        cursor.execute(statement, _columns(rows))
+        found = {pk for (pk,) in cursor.fetchall()}
+    for log in logs:
+        if log.pk not in found:  # its pending row is gone: the whole row
+            log.pk = None
+            usage_insert(log)
 
 
 # A completion's first retry waits this long, doubling up to the maximum (seconds).
@@ -271,6 +309,10 @@ class UsageWriters:
     retried until half the sweeper's grace is left; a worker killed before its rows are written leaves them pending
     for the sweeper, as a worker killed mid-request does, and one that stops gracefully writes them first
     (``drain``). When ``backlog`` rows wait already, a request writes its own.
+
+    A writer takes every row that waits (up to ``BATCH_MAX``) and writes those without a refund in one statement and
+    one commit: a burst of answers costs one round trip and one flush instead of one each. With 32 connections that
+    took PostgreSQL's CPU a request from 0.54-0.57 to 0.43-0.51 ms and served 5-12 % more (bench/RESULTS.md).
     """
 
     def __init__(self, *, count: int = 4, backlog: int = 1000) -> None:
@@ -296,15 +338,37 @@ class UsageWriters:
     def _run(self) -> None:
         while True:
             try:
-                log, refund = self._queue.get(timeout=IDLE_S)
+                first = self._queue.get(timeout=IDLE_S)
             except queue.Empty:
                 _close_connection()  # back to the pool while there is nothing to write
-                log, refund = self._queue.get()
+                first = self._queue.get()
+            items = [first]
+            while len(items) < BATCH_MAX:  # what else waits goes with it
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                usage_finish_retrying(log, refund=refund, until=log.created_at.timestamp()
-                                      + settings.OPENOPEN8_REQUEST_DEADLINE + SWEEP_GRACE_S / 2)
+                _write_completions(items)
             finally:
-                self._queue.task_done()
+                for _item in items:
+                    self._queue.task_done()
+
+
+def _write_completions(items: list[tuple[UsageLog, Refund | None]]) -> None:
+    """Write completed rows handed over together: those written pending without a refund in one statement, the rest
+    (and all of them, should that statement fail) one by one, each retried while the database is away."""
+    together = [log for log, refund in items if refund is None and log.pk is not None]
+    if len(together) > 1:
+        try:
+            usage_finish_many(together)
+        except Exception:  # the database is away, or refuses one of the rows: each is written alone, and retried
+            _close_connection()
+        else:
+            items = [(log, refund) for log, refund in items if refund is not None or log.pk is None]
+    for log, refund in items:
+        usage_finish_retrying(log, refund=refund, until=log.created_at.timestamp()
+                              + settings.OPENOPEN8_REQUEST_DEADLINE + SWEEP_GRACE_S / 2)
 
 
 _writers: UsageWriters | None = None

@@ -16,6 +16,7 @@ from gateway.usage import (
     _INSERT_VALUES,
     _statements,
     _values,
+    _write_completions,
     usage_finish,
     usage_finish_retrying,
     usage_insert,
@@ -119,3 +120,67 @@ class CompletionRetryTests(TransactionTestCase):
             self.assertFalse(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time()))
         self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.PENDING)  # the sweeper fails and refunds it
         self.assertEqual(self.spent(), 32000)
+
+
+class CompletionBatchTests(TransactionTestCase):
+    """The usage writers (gunicorn workers on PostgreSQL) write the completions handed to them together: those
+    without a refund in one statement, each row still with its own values."""
+
+    def setUp(self) -> None:
+        if connection.vendor != "postgresql":
+            raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
+        self.token, _key = make_token(budget="1.00")
+
+    def pending(self, request_id: str, *, hold: int = 0) -> UsageLog:
+        log = usage_new(token=self.token, endpoint="generations", request_id=request_id, body={"prompt": "a"})
+        if hold:
+            usage_insert_holding(log, token_id=self.token.pk, micros=hold)
+        else:
+            usage_insert(log, durable=False)
+        return log
+
+    def completed(self, log: UsageLog, *, images: int, latency_ms: int) -> UsageLog:
+        log.status, log.http_status, log.images_returned = UsageLog.Status.SUCCESS, 200, images
+        log.cost_micros, log.latency_ms, log.completed_at = 16000 * images, latency_ms, timezone.now()
+        log.attempts = [{"channel": None, "outcome": "ok", "latency_ms": latency_ms}]
+        log.reserved_micros = 0
+        return log
+
+    def rows(self) -> dict[str, tuple[Any, ...]]:
+        return {r[0]: r[1:] for r in UsageLog.objects.values_list(
+            "request_id", "status", "images_returned", "latency_ms", "cost_micros", "reserved_micros", "attempts")}
+
+    def written_together(self, request_ids: list[str]) -> int:
+        """How many transactions wrote these rows last."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(DISTINCT xmin::text) FROM gateway_usagelog WHERE request_id = ANY(%s)",
+                           [request_ids])
+            return int(cursor.fetchone()[0])
+
+    def test_rows_handed_over_together_are_written_together_each_with_its_own_values(self) -> None:
+        plain = [self.completed(self.pending(f"req_{i}"), images=i + 1, latency_ms=100 + i) for i in range(3)]
+        refunded = self.completed(self.pending("req_refund", hold=32000), images=1, latency_ms=7)
+        lost = self.pending("req_lost")  # as after a database crash took its unflushed pending row
+        UsageLog.objects.filter(pk=lost.pk).delete()
+        self.completed(lost, images=1, latency_ms=9)
+        _write_completions([(plain[0], None), (refunded, (self.token.pk, 16000)), (plain[1], None), (lost, None),
+                            (plain[2], None)])
+        ok = [{"channel": None, "outcome": "ok", "latency_ms": ms} for ms in (100, 101, 102, 7, 9)]
+        self.assertEqual(self.rows(), {
+            "req_0": ("success", 1, 100, 16000, 0, [ok[0]]),
+            "req_1": ("success", 2, 101, 32000, 0, [ok[1]]),
+            "req_2": ("success", 3, 102, 48000, 0, [ok[2]]),
+            "req_refund": ("success", 1, 7, 16000, 0, [ok[3]]),
+            "req_lost": ("success", 1, 9, 16000, 0, [ok[4]]),
+        })
+        self.assertEqual(ApiToken.objects.get(pk=self.token.pk).spent_micros, 16000)  # one image of two, once
+        self.assertEqual(self.written_together(["req_0", "req_1", "req_2"]), 1)
+
+    def test_a_row_the_database_refuses_fails_alone(self) -> None:
+        logs = [self.completed(self.pending(f"req_{i}"), images=1, latency_ms=i) for i in range(3)]
+        logs[1].error_code = "x" * 80  # longer than its column: the database refuses the row
+        with self.assertLogs("gateway.usage", "ERROR") as logged:
+            _write_completions([(log, None) for log in logs])
+        self.assertIn("req_1 not written", logged.output[0])
+        self.assertEqual({k: v[0] for k, v in self.rows().items()},
+                         {"req_0": "success", "req_1": "pending", "req_2": "success"})  # the sweeper fails req_1
