@@ -311,8 +311,8 @@ class UsageWriters:
     (``drain``). When ``backlog`` rows wait already, a request writes its own.
 
     A writer takes every row that waits (up to ``BATCH_MAX``) and writes those without a refund in one statement and
-    one commit: a burst of answers costs one round trip and one flush instead of one each. With 32 connections that
-    took PostgreSQL's CPU a request from 0.54-0.57 to 0.43-0.51 ms and served 5-12 % more (bench/RESULTS.md).
+    one commit: a burst of answers costs one round trip and one flush instead of one each. In alternating pairs at 32
+    connections PostgreSQL's CPU a request fell from 0.52-0.57 to 0.43-0.55 ms (bench/RESULTS.md, runs 35-36).
     """
 
     def __init__(self, *, count: int = 4, backlog: int = 1000) -> None:
