@@ -197,15 +197,6 @@ def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
         raise
 
 
-# The most rows one statement writes: a burst of requests is written in statements of up to this many rows.
-BATCH_MAX = 100
-
-
-def _columns(rows: list[list[Any]]) -> list[list[Any]]:
-    """Rows of values as one list a column, the parameters of the ``_many`` statements."""
-    return [list(column) for column in zip(*rows, strict=True)]
-
-
 def usage_finish(log: UsageLog, *, refund: Refund | None = None) -> None:
     """Write the completed row: an update of what changed if it was written pending, else the whole row (also when
     the pending row is no longer there). ``refund`` (token id, micros) gives that much of the row's hold back to the
@@ -230,6 +221,15 @@ def _complete(log: UsageLog, db: BaseDatabaseWrapper, update: str, first: list[A
                 return
         log.pk = None
     usage_insert(log)
+
+
+# The most completed rows a usage writer writes in one statement.
+BATCH_MAX = 100
+
+
+def _columns(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rows of values as one list a column: the parameters of ``update_many``."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def usage_finish_many(logs: list[UsageLog]) -> None:
