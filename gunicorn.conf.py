@@ -24,26 +24,45 @@ import sys
 from pathlib import Path
 from typing import Any
 
-bind = os.environ.get("OPENOPEN8_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("OPENOPEN8_WORKERS", multiprocessing.cpu_count()))
+# The checkout, for openopen8.env and the app, whichever directory gunicorn is started from.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+
+try:
+    from openopen8 import env as oo8  # its worker sizes are read as it loads
+
+    DATA_DIR = oo8.data_dir()
+    bind = oo8.env("OPENOPEN8_BIND", "127.0.0.1:8000")
+    workers = oo8.envint("OPENOPEN8_WORKERS", str(multiprocessing.cpu_count()))
+    # A worker is only killed when its main loop stops answering, not for one long request; this bounds how
+    # long a stuck worker lives, above the longest provider wait (OPENOPEN8_UPSTREAM_TIMEOUT, 120 s by default).
+    timeout = oo8.envint("OPENOPEN8_WORKER_TIMEOUT", "180")
+    graceful_timeout = oo8.envint("OPENOPEN8_GRACEFUL_TIMEOUT", "130")
+    malloc_arenas = oo8.envint("OPENOPEN8_MALLOC_ARENAS", "2")
+    gc_threshold = oo8.envint("OPENOPEN8_GC_THRESHOLD", "5000")
+    writers_drain_timeout = oo8.envfloat("OPENOPEN8_WRITERS_DRAIN_TIMEOUT", "10")
+except ImproperlyConfigured as error:
+    sys.exit(f"Error: {error}")  # one line naming the variable, not a traceback
+
+chdir = str(oo8.BASE_DIR)
 # The same variables and defaults as openopen8/settings.py, which sizes the worker's connection pools from them.
-worker_class = os.environ.get("OPENOPEN8_WORKER_CLASS", "gevent")
-worker_connections = int(os.environ.get("OPENOPEN8_WORKER_CONNECTIONS", 1000))  # requests a gevent worker holds
-threads = int(os.environ.get("OPENOPEN8_THREADS", 256))  # requests a gthread worker holds
-# A worker is only killed when its main loop stops answering, not for one long request; this bounds how
-# long a stuck worker lives, above the longest provider wait (OPENOPEN8_UPSTREAM_TIMEOUT, 120 s by default).
-timeout = int(os.environ.get("OPENOPEN8_WORKER_TIMEOUT", 180))
-graceful_timeout = int(os.environ.get("OPENOPEN8_GRACEFUL_TIMEOUT", 130))
+worker_class = oo8.WORKER_CLASS
+worker_connections = oo8.WORKER_CONNECTIONS  # requests a gevent worker holds
+threads = oo8.THREADS  # requests a gthread worker holds
 keepalive = 5
 # Bound the request line and headers; bodies are bounded by Django's upload settings.
 limit_request_line = 8190
-accesslog = os.environ.get("OPENOPEN8_ACCESS_LOG", "-") or None
+accesslog = oo8.env("OPENOPEN8_ACCESS_LOG", "-") or None
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
+# gunicorn's control socket (gunicornc) defaults to one path per user, which a second gateway on the machine would take
+# over or remove; each gateway keeps its own beside its data. A Unix socket path has at most 107 bytes: past that, none.
+control_socket = str(DATA_DIR / "gunicorn.ctl")
+control_socket_disable = len(control_socket.encode()) > 107
 
 # Every worker writes its metrics here and /metrics sums them (prometheus_client's multiprocess mode).
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                      str(Path(os.environ.get("OPENOPEN8_DATA_DIR", "data")).resolve() / "prometheus"))
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))
 
 
 def on_starting(server: Any) -> None:
@@ -57,7 +76,7 @@ def post_fork(server: Any, worker: Any) -> None:
     # images that fragments memory badly. Two arenas per worker: measured in bench/, an edit in flight went from about
     # 30 MB of RSS to about 7 MB, and throughput did not drop. (Also mapping large blocks directly cost 60 % of it.)
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, int(os.environ.get("OPENOPEN8_MALLOC_ARENAS", "2")))  # M_ARENA_MAX
+        ctypes.CDLL("libc.so.6").mallopt(-8, malloc_arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc
 
@@ -77,7 +96,7 @@ def post_worker_init(worker: Any) -> None:
     # its requests; at 32 connections, 0.33-0.38 s of 10 s. Freezing what is loaded by now and collecting every 5,000
     # objects: 0.48-0.55 s and 0.11-0.13 s, no full collection in either run (bench/RESULTS.md).
     gc.freeze()
-    gc.set_threshold(int(os.environ.get("OPENOPEN8_GC_THRESHOLD", 5000)), 10, 10)
+    gc.set_threshold(gc_threshold, 10, 10)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -85,7 +104,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     # refunds. (A worker that never loaded the app has none.)
     usage = sys.modules.get("gateway.usage")
     if usage is not None:
-        usage.usage_writers_drain(timeout=float(os.environ.get("OPENOPEN8_WRITERS_DRAIN_TIMEOUT", 10)))
+        usage.usage_writers_drain(timeout=writers_drain_timeout)
 
 
 def child_exit(server: Any, worker: Any) -> None:

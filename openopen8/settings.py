@@ -1,55 +1,28 @@
 """OpenOpen8 settings: one module, driven by environment variables prefixed ``OPENOPEN8_``.
 
-Every variable has a default that works for a local run with nothing set (SQLite and image files under
-``./data``). With debug off, the process refuses to start on the development secret key.
+Every variable has a default that works for a local run with nothing set (SQLite and image files in the checkout's
+``data`` directory). The helpers and the values gunicorn.conf.py shares are in openopen8/env.py. With debug off, the
+process refuses to start on the development secret key.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+from openopen8.env import (
+    BASE_DIR,
+    WORKER_CLASS,
+    WORKER_REQUESTS,
+    data_dir,
+    env,
+    envbool,
+    envfloat,
+    envint,
+    envsecret,
+)
+
 DEV_SECRET_KEY = "openopen8-development-key-not-for-production"
-
-
-def env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
-
-
-def envbool(name: str, default: str) -> bool:
-    value = env(name, default).strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off", ""}:
-        return False
-    raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
-
-
-def envnumber(name: str, default: str, kind: type[int] | type[float] = int) -> float:
-    value = env(name, default)
-    try:
-        number = kind(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
-    if number <= 0:
-        raise ImproperlyConfigured(f"{name} must be greater than zero, not {value!r}")
-    return number
-
-
-def envsecret(name: str, default: str) -> str:
-    """Read NAME, or the contents of the file named by NAME_FILE (for mounted secrets)."""
-    path = env(f"{name}_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as e:
-            raise ImproperlyConfigured(f"{name}_FILE points to an unreadable file: {e.strerror}") from None
-    return env(name, default)
-
 
 DEBUG = envbool("OPENOPEN8_DEBUG", "true")
 SECRET_KEY = envsecret("OPENOPEN8_SECRET_KEY", DEV_SECRET_KEY)
@@ -60,46 +33,43 @@ if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
     )
 ALLOWED_HOSTS = [h.strip() for h in env("OPENOPEN8_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
 
-DATA_DIR = Path(env("OPENOPEN8_DATA_DIR", str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR = data_dir()
 
 # Base of the image URLs the gateway returns; empty means "the scheme and host the client used".
 OPENOPEN8_PUBLIC_URL = env("OPENOPEN8_PUBLIC_URL").rstrip("/")
-OPENOPEN8_IMAGE_TTL = int(envnumber("OPENOPEN8_IMAGE_TTL", "3600"))
-OPENOPEN8_UPSTREAM_TIMEOUT = float(envnumber("OPENOPEN8_UPSTREAM_TIMEOUT", "120", float))
-OPENOPEN8_CONNECT_TIMEOUT = float(envnumber("OPENOPEN8_CONNECT_TIMEOUT", "10", float))
-OPENOPEN8_MAX_ATTEMPTS = int(envnumber("OPENOPEN8_MAX_ATTEMPTS", "3"))
-# The gunicorn worker model and how many requests a worker holds at once (gunicorn.conf.py reads the same variables):
-# OPENOPEN8_WORKER_CONNECTIONS greenlets for gevent, the default, or OPENOPEN8_THREADS threads for gthread.
-OPENOPEN8_WORKER_CLASS = env("OPENOPEN8_WORKER_CLASS", "gevent")
-OPENOPEN8_THREADS = int(envnumber("OPENOPEN8_THREADS", "256"))
-OPENOPEN8_WORKER_REQUESTS = (OPENOPEN8_THREADS if OPENOPEN8_WORKER_CLASS == "gthread"
-                             else int(envnumber("OPENOPEN8_WORKER_CONNECTIONS", "1000")))
+OPENOPEN8_IMAGE_TTL = envint("OPENOPEN8_IMAGE_TTL", "3600")
+OPENOPEN8_UPSTREAM_TIMEOUT = envfloat("OPENOPEN8_UPSTREAM_TIMEOUT", "120")
+OPENOPEN8_CONNECT_TIMEOUT = envfloat("OPENOPEN8_CONNECT_TIMEOUT", "10")
+OPENOPEN8_MAX_ATTEMPTS = envint("OPENOPEN8_MAX_ATTEMPTS", "3")
+# The gunicorn worker model and how many requests a worker holds at once (openopen8/env.py, read by gunicorn.conf.py
+# too): OPENOPEN8_WORKER_CONNECTIONS greenlets for gevent, the default, or OPENOPEN8_THREADS threads for gthread.
+OPENOPEN8_WORKER_CLASS = WORKER_CLASS
+OPENOPEN8_WORKER_REQUESTS = WORKER_REQUESTS
 # Provider connections a process keeps per provider host, shared by its requests; unset means one per request in
 # flight for each parallel call a request may make (channels/http.py::_provider_pool). Beyond it a call gets a
 # connection of its own, and urllib3 logs a warning when it closes it.
-OPENOPEN8_PROVIDER_POOL_SIZE = (int(envnumber("OPENOPEN8_PROVIDER_POOL_SIZE", "1"))
+OPENOPEN8_PROVIDER_POOL_SIZE = (envint("OPENOPEN8_PROVIDER_POOL_SIZE", "1")
                                 if env("OPENOPEN8_PROVIDER_POOL_SIZE") else None)
 # Largest provider answer (JSON with base64 images) and largest single image downloaded from a provider URL.
-OPENOPEN8_MAX_UPSTREAM_BYTES = int(envnumber("OPENOPEN8_MAX_UPSTREAM_BYTES", str(200 * 1024 * 1024)))
-OPENOPEN8_MAX_IMAGE_BYTES = int(envnumber("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 1024)))
+OPENOPEN8_MAX_UPSTREAM_BYTES = envint("OPENOPEN8_MAX_UPSTREAM_BYTES", str(200 * 1024 * 1024))
+OPENOPEN8_MAX_IMAGE_BYTES = envint("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 1024))
 # Uploads: the largest request body, the largest single input image, and the most pixels an image may decode to
 # (a decompression-bomb guard).
-OPENOPEN8_MAX_REQUEST_BYTES = int(envnumber("OPENOPEN8_MAX_REQUEST_BYTES", str(128 * 1024 * 1024)))
-OPENOPEN8_MAX_UPLOAD_BYTES = int(envnumber("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 * 1024)))
-OPENOPEN8_MAX_IMAGE_PIXELS = int(envnumber("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000"))
+OPENOPEN8_MAX_REQUEST_BYTES = envint("OPENOPEN8_MAX_REQUEST_BYTES", str(128 * 1024 * 1024))
+OPENOPEN8_MAX_UPLOAD_BYTES = envint("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 * 1024))
+OPENOPEN8_MAX_IMAGE_PIXELS = envint("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000")
 # Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless
 # this is on: turn it on for a self-hosted provider on a LAN.
 OPENOPEN8_ALLOW_PRIVATE_URLS = envbool("OPENOPEN8_ALLOW_PRIVATE_URLS", "false")
 # Circuit breaker: consecutive channel faults that open a channel's circuit, and the first cool-down in seconds
 # (doubling on each further trip, up to the maximum).
-OPENOPEN8_BREAKER_THRESHOLD = int(envnumber("OPENOPEN8_BREAKER_THRESHOLD", "5"))
-OPENOPEN8_BREAKER_COOLDOWN = float(envnumber("OPENOPEN8_BREAKER_COOLDOWN", "30", float))
-OPENOPEN8_BREAKER_MAX_COOLDOWN = float(envnumber("OPENOPEN8_BREAKER_MAX_COOLDOWN", "600", float))
+OPENOPEN8_BREAKER_THRESHOLD = envint("OPENOPEN8_BREAKER_THRESHOLD", "5")
+OPENOPEN8_BREAKER_COOLDOWN = envfloat("OPENOPEN8_BREAKER_COOLDOWN", "30")
+OPENOPEN8_BREAKER_MAX_COOLDOWN = envfloat("OPENOPEN8_BREAKER_MAX_COOLDOWN", "600")
 # Longest a client request may take in all, failovers and downloads included.
-OPENOPEN8_REQUEST_DEADLINE = float(envnumber("OPENOPEN8_REQUEST_DEADLINE", "300", float))
+OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
-OPENOPEN8_SWEEP_INTERVAL = float(envnumber("OPENOPEN8_SWEEP_INTERVAL", "60", float))
+OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # gunicorn workers on PostgreSQL write a request's completed usage row after its answer has gone out, retrying while
 # the database is away (gateway/usage.py::UsageWriters); off: the answer waits for the row's commit.
 OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
@@ -111,8 +81,8 @@ OPENOPEN8_MODEL_RULES_FILE = env("OPENOPEN8_MODEL_RULES_FILE")
 REDIS_URL = env("REDIS_URL")
 # Redis connections a process keeps for limits, circuits and the configuration version; a call beyond them waits
 # up to the timeout (seconds) for one to come free.
-OPENOPEN8_REDIS_POOL_SIZE = int(envnumber("OPENOPEN8_REDIS_POOL_SIZE", "64"))
-OPENOPEN8_REDIS_POOL_TIMEOUT = float(envnumber("OPENOPEN8_REDIS_POOL_TIMEOUT", "10", float))
+OPENOPEN8_REDIS_POOL_SIZE = envint("OPENOPEN8_REDIS_POOL_SIZE", "64")
+OPENOPEN8_REDIS_POOL_TIMEOUT = envfloat("OPENOPEN8_REDIS_POOL_TIMEOUT", "10")
 DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'openopen8.sqlite3'}"), conn_max_age=60, conn_health_checks=True
@@ -135,7 +105,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 2, "max_size": int(envnumber("OPENOPEN8_DB_POOL_SIZE", "16")), "timeout": 30}
+        "min_size": 2, "max_size": envint("OPENOPEN8_DB_POOL_SIZE", "16"), "timeout": 30}
     # Parameters travel apart from the SQL, and psycopg prepares a statement once a connection has run it 5 times, so
     # the statements every request sends are not parsed and planned each time: PostgreSQL's CPU for a generation fell
     # from 0.89-0.95 to 0.65 ms, alternating the two at 32 connections (bench/RESULTS.md). Django leaves preparing off
