@@ -82,6 +82,10 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
+    # On SQLite, checkpoints run in the background rather than in whichever request's commit grows the WAL.
+    from openopen8.sqlite.base import checkpoints_start
+
+    checkpoints_start()
     # Each worker sweeps abandoned requests now and then; the sweep is safe to run on many workers at once.
     from gateway.sweeper import start_sweeper
 

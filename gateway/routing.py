@@ -68,8 +68,9 @@ def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iter
 
 def _release_database() -> None:
     """Give the database connection back to the pool while waiting on a provider (seconds to a minute), so requests
-    in flight do not each hold one. Not inside a transaction, and only where a pool is there to take it back."""
-    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+    in flight do not each hold one. Not inside a transaction, and only where a pool is there to take it back
+    (PostgreSQL's, or the SQLite backend's)."""
+    if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
         connection.close()
 
 

@@ -83,19 +83,25 @@ REDIS_URL = env("REDIS_URL")
 # up to the timeout (seconds) for one to come free.
 OPENOPEN8_REDIS_POOL_SIZE = envint("OPENOPEN8_REDIS_POOL_SIZE", "64")
 OPENOPEN8_REDIS_POOL_TIMEOUT = envfloat("OPENOPEN8_REDIS_POOL_TIMEOUT", "10")
+# Database connections a process keeps open (and shares among its requests in flight), for either database.
+OPENOPEN8_DB_POOL_SIZE = envint("OPENOPEN8_DB_POOL_SIZE", "16")
 DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'openopen8.sqlite3'}"), conn_max_age=60, conn_health_checks=True
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Many request threads write to one file: wait for the lock instead of failing, take the write lock at
-    # the start of a transaction (no deadlock on upgrade), and let readers run beside the writer (WAL).
+    # Django's SQLite backend with a pool of open connections per process, and checkpoints in the background under
+    # gunicorn (openopen8/sqlite/base.py). Many request threads write to one file: wait for the lock instead of
+    # failing, take the write lock at the start of a transaction (no deadlock on upgrade), and let readers run beside
+    # the writer (WAL).
+    DATABASES["default"]["ENGINE"] = "openopen8.sqlite"
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "pool": {"max_size": OPENOPEN8_DB_POOL_SIZE, "timeout": 30},
     }
     # A file, not memory, so that a live test server's threads each get their own connection.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-openopen8.sqlite3")}
@@ -105,7 +111,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 2, "max_size": envint("OPENOPEN8_DB_POOL_SIZE", "16"), "timeout": 30}
+        "min_size": 2, "max_size": OPENOPEN8_DB_POOL_SIZE, "timeout": 30}
     # Parameters travel apart from the SQL, and psycopg prepares a statement once a connection has run it 5 times, so
     # the statements every request sends are not parsed and planned each time: PostgreSQL's CPU for a generation fell
     # from 0.89-0.95 to 0.65 ms, alternating the two at 32 connections (bench/RESULTS.md). Django leaves preparing off

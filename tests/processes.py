@@ -44,29 +44,36 @@ def _wait_until_up(url: str, proc: subprocess.Popen[Any]) -> None:
     raise AssertionError(f"nothing answered at {url}")
 
 
-def start(cmd: list[str], *, url: str, env: dict[str, str], cleanup: Callable[..., None]) -> subprocess.Popen[Any]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def start(cmd: list[str], *, url: str, env: dict[str, str], cleanup: Callable[..., None],
+          log: Path | str | None = None) -> subprocess.Popen[Any]:
+    """Start ``cmd`` and wait until ``url`` answers; its output goes to ``log`` (appended), or nowhere."""
+    if log is None:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    else:
+        with open(log, "ab") as out:  # the child keeps its own copy
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
     cleanup(proc.wait, 10)
     cleanup(proc.terminate)
     _wait_until_up(url, proc)
     return proc
 
 
-def start_gateway(cleanup: Callable[..., None], **env: str) -> str:
+def start_gateway(cleanup: Callable[..., None], *, log: Path | str | None = None, **env: str) -> str:
     """A gateway node as operators run it, gunicorn with gunicorn.conf.py (one worker unless ``env`` says), on a free
-    port, sharing this run's database; returns its URL."""
-    return gateway_process(cleanup, **env)[0]
+    port, sharing this run's database; returns its URL. Its log goes to ``log``, if given."""
+    return gateway_process(cleanup, log=log, **env)[0]
 
 
-def gateway_process(cleanup: Callable[..., None], **env: str) -> tuple[str, subprocess.Popen[Any]]:
-    """``start_gateway``, returning gunicorn's master process too."""
+def gateway_process(cleanup: Callable[..., None], *, log: Path | str | None = None,
+                    **env: str) -> tuple[str, subprocess.Popen[Any]]:
+    """``start_gateway``, returning gunicorn's master process too; its log goes to ``log``, if given."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp()
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     proc = start([gunicorn, "-c", "gunicorn.conf.py", "openopen8.wsgi:application"],
-                 url=f"{base}/healthz", cleanup=cleanup,
+                 url=f"{base}/healthz", cleanup=cleanup, log=log,
                  env={"DATABASE_URL": database_url(), "OPENOPEN8_DATA_DIR": data, "OPENOPEN8_BIND": f"127.0.0.1:{port}",
                       "PROMETHEUS_MULTIPROC_DIR": str(Path(data) / "prometheus"), "OPENOPEN8_ACCESS_LOG": "",
                       "OPENOPEN8_WORKERS": "1", **env})

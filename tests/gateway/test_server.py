@@ -3,9 +3,11 @@ Redis, where REDIS_URL is set), against a provider over real HTTP."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 import unittest
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -85,6 +87,51 @@ class ProductionServerTests(TransactionTestCase):
             self.assertEqual(answer.status_code, 200, answer.text)
             self.assertEqual(len(answer.json()["data"]), 3)
             self.assertEqual((len(up.requests), slow.most), (3, 3))
+
+
+class SqliteUnderLoadTests(TransactionTestCase):
+    """The embedded default under load: two gevent workers writing to one SQLite file."""
+
+    def setUp(self) -> None:
+        if connection.vendor != "sqlite":
+            raise unittest.SkipTest("SQLite only, the embedded default (DATABASE_URL unset)")
+
+    def test_32_clients_at_once_on_two_workers_all_succeed_and_every_row_and_cent_is_written(self) -> None:
+        make_price(model="dall-e-2", size="256x256", usd="0.016")
+        budgeted, budget_key = make_token(name="budget", budget="100")  # each request holds its price: a transaction
+        _free, free_key = make_token(name="free")
+        clients, each = 32, 10
+        log = Path(tempfile.mkdtemp()) / "gunicorn.log"
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, models="dall-e-2")
+            gateway = start_gateway(self.addCleanup, OPENOPEN8_WORKERS="2", log=log)
+            failures: list[str] = []
+            barrier = threading.Barrier(clients)
+
+            def client(i: int) -> None:
+                barrier.wait()
+                with requests.Session() as session:
+                    for _ in range(each):
+                        answer = session.post(
+                            f"{gateway}/v1/images/generations", timeout=60,
+                            headers={"Authorization": f"Bearer {budget_key if i % 2 else free_key}"},
+                            json={"model": "dall-e-2", "prompt": "a", "size": "256x256", "response_format": "b64_json"})
+                        if answer.status_code != 200:
+                            failures.append(answer.text)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        self.assertEqual(failures, [])
+        rows = UsageLog.objects.values_list("status", flat=True)
+        self.assertEqual((len(rows), set(rows)), (clients * each, {UsageLog.Status.SUCCESS}))
+        self.assertEqual(ApiToken.objects.get(pk=budgeted.pk).spent_micros, 16000 * clients * each // 2)
+        written = log.read_text(errors="replace")
+        self.assertIn("Booting worker", written)
+        self.assertNotIn("database is locked", written)
 
 
 class UsageAfterAnswerTests(TransactionTestCase):

@@ -15,7 +15,8 @@ CONF = ROOT / "gunicorn.conf.py"
 
 
 def clean_env(**env: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENOPEN8_", "PROMETHEUS_"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OPENOPEN8_", "PROMETHEUS_")) and k not in ("DATABASE_URL", "REDIS_URL")}
     return {**clean, "PYTHONPATH": str(ROOT), **env}
 
 
