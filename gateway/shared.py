@@ -21,7 +21,7 @@ from functools import cache
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 
 from channels.models import Circuit
@@ -108,7 +108,7 @@ class SharedState(Protocol):
     def versions(self) -> tuple[int, int | None]:
         """In one round trip at most: a number that moves whenever an operator changes tokens, channels or prices,
         and one that moves whenever a circuit's record changes (``None``: this backend does not keep one, so circuits
-        are read afresh each time)."""
+        are read afresh each time). Every request asks."""
 
     def bump_config_version(self) -> None: ...
 
@@ -172,6 +172,9 @@ class DatabaseState:
         return bool(Circuit.objects.filter(free, channel_id=channel_id, open_until__lte=now)
                     .update(probe_until=now + ttl))
 
+    # Every change to what a circuit looks like (a fault counted, a trip, a reset) moves the circuits version in the
+    # same transaction, so a process may keep the circuits it read until that version moves (gateway/cache.py). A
+    # claimed probe changes nothing a reader sees.
     def circuit_failed(self, channel_id: int) -> CircuitView:
         with transaction.atomic():
             circuit, _ = Circuit.objects.select_for_update().get_or_create(channel_id=channel_id)
@@ -181,19 +184,42 @@ class DatabaseState:
                 circuit.open_until = time.time() + cooldown(circuit.trips)
                 circuit.failures, circuit.probe_until = 0, None
             circuit.save()
+            _move_version(CIRCUITS)
         return CircuitView(circuit.failures, circuit.trips, circuit.open_until)
 
     def circuit_ok(self, channel_id: int) -> None:
-        Circuit.objects.filter(channel_id=channel_id).delete()
+        with transaction.atomic():
+            deleted, _ = Circuit.objects.filter(channel_id=channel_id).delete()
+            if deleted:
+                _move_version(CIRCUITS)
 
     def versions(self) -> tuple[int, int | None]:
-        return next(iter(Counter.objects.filter(key="config", window=0).values_list("count", flat=True)), 0), None
+        # Sent as it is, not built by the ORM each time: building the query cost several times its run on SQLite.
+        with connection.cursor() as cursor:
+            cursor.execute(_versions_sql(connection.vendor), [CONFIG, CIRCUITS])
+            found = dict(cursor.fetchall())
+        return found.get(CONFIG, 0), found.get(CIRCUITS, 0)
 
     def bump_config_version(self) -> None:
-        try:
-            Counter.objects.update_or_create(key="config", window=0, defaults={"count": new_version()})
-        except IntegrityError:  # another process created the row at the same moment
-            Counter.objects.filter(key="config", window=0).update(count=new_version())
+        _move_version(CONFIG)
+
+
+# The names of the two version rows among the counters (window 0).
+CONFIG, CIRCUITS = "config", "circuits"
+
+
+def _move_version(key: str) -> None:
+    try:
+        Counter.objects.update_or_create(key=key, window=0, defaults={"count": new_version()})
+    except IntegrityError:  # another process created the row at the same moment
+        Counter.objects.filter(key=key, window=0).update(count=new_version())
+
+
+@cache
+def _versions_sql(vendor: str) -> str:
+    quote = connection.ops.quote_name  # the fields' names are their columns'; "window" is a word of SQL's own
+    key, window, count = quote("key"), quote("window"), quote("count")
+    return f"SELECT {key}, {count} FROM {quote(Counter._meta.db_table)} WHERE {window} = 0 AND {key} IN (%s, %s)"
 
 
 # A window (KEYS[1]: ARGV[1] counted against the limit ARGV[2], the key kept ARGV[3] s) and a lease (KEYS[2]: places
