@@ -1,13 +1,16 @@
 # make run: set up and serve the gateway on the embedded default (SQLite + local files) at http://127.0.0.1:8000
 # make test: set up and run the test suite (DATABASE_URL / REDIS_URL, when set, point it at PostgreSQL / Redis)
+# make smoke: what a new user does, from a copy of this tree: a fresh virtualenv with requirements.txt alone, make run
+#             with each worker class, one image with the demo key, a graceful stop (.ci/run runs it)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(or $(OPENOPEN8_DATA_DIR),data)
+BIND ?= $(or $(OPENOPEN8_BIND),127.0.0.1:8000)
 SECRET_FILE := $(DATA_DIR)/secret_key
 
-.PHONY: run test lint bench install install-dev clean
+.PHONY: run test smoke lint bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,16 +35,19 @@ run: install $(SECRET_FILE)
 	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) \
 		$(BIN)/python manage.py migrate --noinput -v0
 	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) \
-		$(BIN)/python manage.py bootstrap --url http://127.0.0.1:8000
-	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) \
+		$(BIN)/python manage.py bootstrap --url http://$(BIND)
+	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) OPENOPEN8_BIND=$(BIND) \
 		exec $(BIN)/gunicorn -c gunicorn.conf.py openopen8.wsgi:application
 
 test: lint
 	$(BIN)/python -m pytest
 
+smoke:
+	$(PYTHON) .ci/smoke.py
+
 lint: install-dev
-	$(BIN)/ruff check .
-	$(BIN)/mypy .
+	$(BIN)/ruff check . .ci/smoke.py
+	$(BIN)/mypy . && $(BIN)/mypy .ci/smoke.py
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
 
 # The benchmark needs nginx with its echo module and wrk (Debian packages) and this machine's PostgreSQL and Redis.
