@@ -6,7 +6,8 @@ slow path.
   more than the request's own statements, and closing the last one checkpointed and deleted the WAL every time
   (bench/RESULTS.md). Here a process keeps a bounded pool of open SQLite connections per database file: closing a
   Django connection gives its SQLite connection back, and connecting takes one (a new one only while fewer than
-  ``POOL["max_size"]`` are open; beyond that a caller waits up to ``POOL["timeout"]`` seconds for one to come back).
+  ``OPTIONS["pool"]["max_size"]`` are open; beyond that a caller waits up to ``OPTIONS["pool"]["timeout"]`` seconds
+  for one to come back).
 - **Waiting for the write lock lets the worker go on.** SQLite's own wait for a lock another process holds sleeps
   inside the library, 1 ms and more at a time, and under gevent that stops every request of the worker. Connections
   here wait in Python instead, in short steps that yield, up to the ``timeout`` option (``WaitingCursor``).
@@ -14,7 +15,7 @@ slow path.
   process's connections no longer checkpoint when a commit grows the WAL; a background thread does it every
   ``CHECKPOINT_EVERY_S``: first copying what it can beside the writers, then holding them off for the little that
   came meanwhile so that the WAL starts again from its beginning. Without that second step a WAL under steady load
-  is never reset and grows without bound (1.7 GB in 30 s at 32 connections).
+  is never reset and grows without bound (bench/RESULTS.md, run 37).
 
 An in-memory database is never pooled: each connection to one is a database of its own.
 """
@@ -152,6 +153,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lost: weakref.finalize[Any, Any] | None = None
+        self._taken_from: ConnectionPool | None = None
         self.lock_wait = 5.0
 
     @property
@@ -179,7 +181,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
             return super().get_new_connection(conn_params)  # type: ignore[no-any-return]
         conn = pool.take(lambda: self._open(conn_params))
         # A greenlet or thread that ends without closing its connection must not keep a place in the pool forever.
-        self._lost = weakref.finalize(self, pool.forfeit)
+        self._lost, self._taken_from = weakref.finalize(self, pool.forfeit), pool
         return conn
 
     def _open(self, conn_params: dict[str, Any]) -> sqlite3.Connection:
@@ -190,14 +192,13 @@ class DatabaseWrapper(base.DatabaseWrapper):
         return conn
 
     def _close(self) -> None:
-        if self._lost is None or self.connection is None:
+        pool = self._taken_from
+        if self._lost is None or pool is None or self.connection is None:
             super()._close()  # type: ignore[misc]  # django-stubs leaves BaseDatabaseWrapper._close out
             return
         self._lost.detach()
-        self._lost = None
+        self._lost, self._taken_from = None, None
         conn, self.connection = self.connection, None  # it may serve another greenlet the moment it is back
-        pool = self.pool
-        assert pool is not None
         pool.give(conn)
 
 
