@@ -194,7 +194,7 @@ class DatabaseState:
                 _move_version(CIRCUITS)
 
     def versions(self) -> tuple[int, int | None]:
-        # Sent as it is, not built by the ORM each time: building the query cost several times its run on SQLite.
+        # Every request sends it: written once, not built by the ORM each time (bench/RESULTS.md, run 37).
         with connection.cursor() as cursor:
             cursor.execute(_versions_sql(connection.vendor), [CONFIG, CIRCUITS])
             found = dict(cursor.fetchall())

@@ -237,7 +237,7 @@ def _checkpoint_loop(path: str) -> None:
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
-    _busy_, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    _blocked, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if frames > 0:
         conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
 
