@@ -48,6 +48,7 @@ smoke:
 lint: install-dev
 	$(BIN)/ruff check . .ci/smoke.py
 	$(BIN)/mypy . && $(BIN)/mypy .ci/smoke.py
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python manage.py makemigrations --check --dry-run >/dev/null
 
 # The benchmark needs nginx with its echo module and wrk (Debian packages) and this machine's PostgreSQL and Redis.

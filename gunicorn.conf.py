@@ -82,18 +82,9 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    # On SQLite, checkpoints run in the background rather than in whichever request's commit grows the WAL.
-    from openopen8.sqlite.base import checkpoints_start
+    from openopen8 import runtime
 
-    checkpoints_start()
-    # Each worker sweeps abandoned requests now and then; the sweep is safe to run on many workers at once.
-    from gateway.sweeper import start_sweeper
-
-    start_sweeper()
-    # Completed usage rows are written after the answer has gone (OPENOPEN8_WRITE_AFTER_ANSWER; gateway/usage.py).
-    from gateway.usage import usage_writers_start
-
-    usage_writers_start()
+    runtime.start()
     # Python's cyclic garbage collector, with its defaults, ran every 700 new objects and rescanned the ~100,000 that
     # loading Django made, which live as long as the worker. Measured with 500 clients on a 1 s provider, a worker spent
     # 0.9-1.3 s of a 15 s run collecting (about a tenth of its CPU), with full collections of up to 250 ms holding all
@@ -104,11 +95,10 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    # A worker stopping gracefully writes the usage rows it still holds; any left after this the sweeper fails and
-    # refunds. (A worker that never loaded the app has none.)
-    usage = sys.modules.get("gateway.usage")
-    if usage is not None:
-        usage.usage_writers_drain(timeout=writers_drain_timeout)
+    # A worker stopping gracefully writes the usage rows it still holds.
+    from openopen8 import runtime
+
+    runtime.stop(timeout=writers_drain_timeout)
 
 
 def child_exit(server: Any, worker: Any) -> None:

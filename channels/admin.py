@@ -14,7 +14,7 @@ from django.utils.html import format_html
 
 from channels.models import ENDPOINTS, Channel, split_names
 from channels.services import channel_test
-from gateway.shared import CircuitView, shared_state
+from gateway.state import CircuitView, shared_state
 from openopen8.admin import EnableDisableAdmin
 
 _page = threading.local()

@@ -1,4 +1,5 @@
-"""Channel operations outside a client request's translation: setting a rejected key aside, testing a channel."""
+"""Channel operations outside a client request's translation: recording an attempt's outcome on the channel,
+setting a rejected key aside, testing a channel."""
 
 from __future__ import annotations
 
@@ -9,6 +10,30 @@ from django.utils import timezone
 
 from channels.adapters.base import ChannelTarget
 from channels.models import Channel, key_fingerprint
+
+# When this process last wrote each channel's last-used columns: a busy channel is written once a second, not on
+# every request (the row would be a lock every request waits on).
+_last_written: dict[int, float] = {}
+WRITE_EVERY_S = 1.0
+
+
+def channel_attempt_record(channel_id: int, *, latency_ms: int, error: str | None = None) -> None:
+    """Update the channel's last-used, latency and last-error columns after an attempt (``error``: its message);
+    successes at most once a second per process."""
+    now = timezone.now()
+    if error is None:
+        if time.monotonic() - _last_written.get(channel_id, -WRITE_EVERY_S) >= WRITE_EVERY_S:
+            _last_written[channel_id] = time.monotonic()
+            Channel.objects.filter(pk=channel_id).update(last_used_at=now, last_latency_ms=latency_ms, last_error="")
+        return
+    _last_written.pop(channel_id, None)  # the next success clears the error at once
+    Channel.objects.filter(pk=channel_id).update(last_used_at=now, last_latency_ms=latency_ms,
+                                                 last_error=error[:500], last_error_at=now)
+
+
+def attempt_marks_reset() -> None:
+    """Forget when channels were last written (tests: ids repeat once a test's rows are rolled back)."""
+    _last_written.clear()
 
 
 def channel_key_reject(channel_id: int, *, key: str, reason: str) -> ChannelTarget | None:
@@ -29,7 +54,7 @@ TEST_PROMPT = "A small red circle on a white background."
 
 
 def _smallest_size(model: str) -> str | None:
-    from gateway.rules import rule_for
+    from openopen8.core.rules import rule_for
 
     rule = rule_for(model)
     sizes = [s for s in (rule or {}).get("sizes", []) if "x" in s]
@@ -40,8 +65,8 @@ def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
     """Probe a channel, each of its keys in turn: a cheap request (the provider's model list, no image), or with
     ``real`` one smallest-size image. Records the result and latency on the channel; returns (ok, message)."""
     from channels import adapters
-    from gateway.errors import GatewayError, mask_secrets
-    from gateway.rules import check_request
+    from openopen8.core.errors import GatewayError, mask_secrets
+    from openopen8.core.rules import check_request
 
     started = time.monotonic()
     adapter, results, ok = adapters.get_adapter(channel.kind), [], True

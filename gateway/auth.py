@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from django.utils import timezone
@@ -10,9 +11,9 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from gateway.cache import tokens_with_prefix
-from gateway.errors import NO_API_KEY
+from gateway.cache import ConfigSnapshot, config_snapshot
 from gateway.models import ApiToken, key_prefix
+from openopen8.core.errors import NO_API_KEY
 
 if TYPE_CHECKING:  # rest_framework.views imports this module through its settings
     from rest_framework.views import APIView
@@ -25,11 +26,20 @@ def _mask(key: str) -> str:
     return f"{key[:6]}***{key[-4:]}" if len(key) > 12 else "***"
 
 
+@dataclass(frozen=True)
+class ApiAccess:
+    """What an authenticated request carries (``request.auth``): its token, and the configuration it was found in,
+    which the rest of the request reads."""
+
+    token: ApiToken
+    config: ConfigSnapshot
+
+
 class BearerTokenAuthentication(BaseAuthentication):
     keyword = "Bearer"
 
-    def authenticate(self, request: Request) -> tuple[ApiToken, ApiToken] | None:
-        """The token for ``Authorization: Bearer sk-…``; ``None`` when no header was sent.
+    def authenticate(self, request: Request) -> tuple[ApiToken, ApiAccess] | None:
+        """The token and its ``ApiAccess`` for ``Authorization: Bearer sk-…``; ``None`` when no header was sent.
 
         Raises DRF's ``AuthenticationFailed`` (401) for a malformed, unknown, disabled or expired key.
         """
@@ -39,9 +49,9 @@ class BearerTokenAuthentication(BaseAuthentication):
         if parts[0].lower() != b"bearer" or len(parts) != 2:
             raise AuthenticationFailed(NO_API_KEY)
         key = parts[1].decode("latin-1")
-        token = None
+        token, config = None, config_snapshot()
         if key.startswith("sk-") and len(key) >= MIN_KEY_LENGTH:
-            token = next((t for t in tokens_with_prefix(key_prefix(key)) if t.matches(key)), None)
+            token = next((t for t in config.tokens_with_prefix(key_prefix(key)) if t.matches(key)), None)
         if token is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {_mask(key)}.")
         if not token.enabled:
@@ -52,7 +62,7 @@ class BearerTokenAuthentication(BaseAuthentication):
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > LAST_USED_RESOLUTION_S:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
             token.last_used_at = now  # the cached copy too, or every request would write it
-        return token, token
+        return token, ApiAccess(token, config)
 
     def authenticate_header(self, request: Request) -> str:
         # Without it DRF answers 403 instead of 401 for a missing key.
@@ -61,4 +71,4 @@ class BearerTokenAuthentication(BaseAuthentication):
 
 class HasApiToken(BasePermission):
     def has_permission(self, request: Request, view: APIView) -> bool:
-        return isinstance(request.auth, ApiToken)
+        return isinstance(request.auth, ApiAccess)

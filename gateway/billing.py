@@ -12,8 +12,8 @@ from functools import cache
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
-from gateway.errors import InsufficientQuota
 from gateway.models import ApiToken
+from openopen8.core.errors import InsufficientQuota
 
 
 @cache

@@ -1,8 +1,9 @@
 """Per-process caches of what operators configure (tokens, channels, prices), so a request needs no query to find
 them. Any change an operator makes moves a configuration version that every process and node shares (Redis or the
-database); each request checks that number and drops its process's caches when it moved. With Redis it also checks
-the circuits version, and the channels' circuits are kept until that moves; both come from the process's
-subscription to their changes (gateway/shared.py, VersionListener), without a round trip.
+database). A request takes one ``ConfigSnapshot`` (authentication does, with one read of the versions) and passes it
+down: everything it reads comes from the cache generation of that version. The channels' circuits are kept until the
+circuits version moves; with Redis both versions come from the process's subscription (gateway/state/listener.py),
+without a round trip.
 
 Writes that bypass model signals (``QuerySet.update`` on these models) must call ``config_changed()``.
 """
@@ -13,75 +14,89 @@ import threading
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models.signals import post_delete, post_save
 
 from channels.models import Channel
 from gateway.models import ApiToken, Price
-from gateway.shared import CircuitView, shared_state
+from gateway.state import CircuitView, shared_state
 
 MAX_TOKEN_ENTRIES = 10_000
 
 
-class _Cache:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.version: int | None = None
+class _Generation:
+    """What was read under one configuration version."""
+
+    def __init__(self, version: int | None) -> None:
+        self.version = version
         self.tokens: dict[str, list[ApiToken]] = {}
         self.channels: list[Channel] | None = None
         self.prices: dict[str, list[Price]] = {}
-        self.circuits_version: int | None = None
-        # channel id -> (the circuits version it was read under, its circuit; None when closed with no faults)
-        self.circuits: dict[int, tuple[int, CircuitView | None]] = {}
 
 
-_cache = _Cache()
+_lock = threading.Lock()
+_generation = _Generation(None)
+# channel id -> (the circuits version it was read under, its circuit; None when closed with no faults)
+_circuits: dict[int, tuple[int, CircuitView | None]] = {}
 
 
-def fresh() -> _Cache:
-    """The process's cache, emptied first if the shared configuration version moved. One round trip."""
-    version, _cache.circuits_version = shared_state().versions()
-    if version != _cache.version:
-        with _cache.lock:
-            _cache.version, _cache.tokens, _cache.channels, _cache.prices = version, {}, None, {}
-    return _cache
+class ConfigSnapshot:
+    """The configuration as one request sees it: one version throughout, read at most once per process and
+    version."""
+
+    def __init__(self, generation: _Generation, circuits_version: int) -> None:
+        self._generation, self.circuits_version = generation, circuits_version
+
+    def tokens_with_prefix(self, prefix: str) -> list[ApiToken]:
+        tokens = self._generation.tokens
+        found = tokens.get(prefix)
+        if found is None:
+            found = list(ApiToken.objects.filter(key_prefix=prefix))
+            if len(tokens) >= MAX_TOKEN_ENTRIES:  # unknown keys must not grow the cache without bound
+                tokens.clear()
+            tokens[prefix] = found
+        return found
+
+    def enabled_channels(self) -> list[Channel]:
+        if self._generation.channels is None:
+            self._generation.channels = list(Channel.objects.filter(enabled=True))
+        return self._generation.channels
+
+    def prices_for(self, model: str) -> list[Price]:
+        prices = self._generation.prices.get(model)
+        if prices is None:
+            prices = self._generation.prices[model] = list(Price.objects.filter(model=model))
+        return prices
+
+    def circuits_for(self, channel_ids: list[int]) -> dict[int, CircuitView]:
+        """The channels' circuits as ``Circuits.circuits`` gives them: those read since the circuits version last
+        moved come from the cache, the rest are read in one round trip."""
+        version = self.circuits_version
+        stale = [pk for pk in channel_ids if _circuits.get(pk, (None, None))[0] != version]
+        if stale:
+            read = shared_state().circuits(stale)
+            _circuits.update((pk, (version, read.get(pk))) for pk in stale)
+        return {pk: view for pk in channel_ids if (view := _circuits[pk][1]) is not None}
 
 
-def tokens_with_prefix(prefix: str) -> list[ApiToken]:
-    cache = fresh()
-    found = cache.tokens.get(prefix)
-    if found is None:
-        found = list(ApiToken.objects.filter(key_prefix=prefix))
-        if len(cache.tokens) >= MAX_TOKEN_ENTRIES:  # unknown keys must not grow the cache without bound
-            cache.tokens.clear()
-        cache.tokens[prefix] = found
-    return found
+def config_snapshot() -> ConfigSnapshot:
+    """The configuration for one request: the process's cache, emptied first if the shared version moved. One read
+    of the versions at most."""
+    global _generation
+    version, circuits_version = shared_state().versions()
+    generation = _generation
+    if version != generation.version:
+        with _lock:
+            if version != _generation.version:
+                _generation = _Generation(version)
+            generation = _generation
+    return ConfigSnapshot(generation, circuits_version)
 
 
-def enabled_channels() -> list[Channel]:
-    """Enabled channels; read from the cache that ``tokens_with_prefix`` already freshened for this request."""
-    if _cache.channels is None:
-        _cache.channels = list(Channel.objects.filter(enabled=True))
-    return _cache.channels
-
-
-def prices_for(model: str) -> list[Price]:
-    prices = _cache.prices.get(model)
-    if prices is None:
-        prices = _cache.prices[model] = list(Price.objects.filter(model=model))
-    return prices
-
-
-def circuits_for(channel_ids: list[int]) -> dict[int, CircuitView]:
-    """The channels' circuits as ``SharedState.circuits`` gives them. Those read since the circuits version last
-    moved (read by ``fresh()`` for this request) come from the cache; the rest are read in one round trip."""
-    version, cached = _cache.circuits_version, _cache.circuits
-    if version is None:
-        return shared_state().circuits(channel_ids)
-    stale = [pk for pk in channel_ids if cached.get(pk, (None, None))[0] != version]
-    if stale:
-        read = shared_state().circuits(stale)
-        cached.update((pk, (version, read.get(pk))) for pk in stale)
-    return {pk: view for pk in channel_ids if (view := cached[pk][1]) is not None}
+def cache_reset() -> None:
+    """Forget everything cached in this process (tests: ids repeat once a test's rows are rolled back)."""
+    global _generation
+    with _lock:
+        _generation = _Generation(None)
+        _circuits.clear()
 
 
 def config_changed(*args: Any, **kwargs: Any) -> None:
@@ -95,8 +110,3 @@ def config_changed(*args: Any, **kwargs: Any) -> None:
     state.bump_config_version()
     if connection.in_atomic_block:
         transaction.on_commit(state.bump_config_version)
-
-
-for model in (ApiToken, Channel, Price):
-    post_save.connect(config_changed, sender=model, dispatch_uid=f"config-changed-save-{model.__name__}")
-    post_delete.connect(config_changed, sender=model, dispatch_uid=f"config-changed-delete-{model.__name__}")

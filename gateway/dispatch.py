@@ -6,8 +6,8 @@ import random
 from collections.abc import Sequence
 from itertools import groupby
 
-from channels.adapters.base import ChannelTarget
-from gateway.errors import GatewayError, RateLimited, UpstreamKeyRejected
+from channels.adapters import ChannelTarget
+from openopen8.core.errors import GatewayError, RateLimited, UpstreamKeyRejected
 
 
 def weighted_order(targets: Sequence[ChannelTarget], rng: random.Random) -> list[ChannelTarget]:
@@ -43,7 +43,7 @@ def should_fail_over(error: GatewayError, *, attempts_left: int, safe_to_retry: 
         return False
     if error.ambiguous:
         return safe_to_retry
-    return error.channel_fault or error.retryable
+    return error.channel_fault
 
 
 def counts_against_circuit(error: GatewayError) -> bool:

@@ -18,9 +18,9 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import storages
 
-from channels import http
-from gateway.errors import NotFound, UpstreamError
-from gateway.schemas import ImageData, ImagesResponse
+from openopen8.core import http
+from openopen8.core.errors import NotFound, UpstreamError
+from openopen8.core.schemas import ImageData, ImagesResponse
 
 FILE_NAME = re.compile(r"^(?P<expires>[0-9a-f]{8,12})-[A-Za-z0-9_-]{32}\.(?P<ext>png|jpg|webp|gif|svg)$")
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
@@ -39,7 +39,7 @@ def sniff(data: bytes) -> str:
         return "gif"
     if b"<svg" in data[:1024].lower():
         return "svg"
-    raise UpstreamError("The provider returned something that is not an image.", channel_fault=True, retryable=True)
+    raise UpstreamError("The provider returned something that is not an image.", channel_fault=True)
 
 
 def image_store(data: bytes, *, ttl: int) -> str:
@@ -81,8 +81,7 @@ def _decode(b64: str) -> bytes:
     try:
         return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
-        raise UpstreamError("The provider sent an image that is not valid base64.", channel_fault=True,
-                            retryable=True) from None
+        raise UpstreamError("The provider sent an image that is not valid base64.", channel_fault=True) from None
 
 
 def images_deliver(result: ImagesResponse, *, response_format: str, files_url: str, ttl: int, timeout: float,

@@ -57,7 +57,7 @@ def record_request(log: UsageLog) -> None:
 class CircuitCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from channels.models import Channel
-        from gateway.shared import CircuitView, shared_state
+        from gateway.state import CircuitView, shared_state
 
         family = GaugeMetricFamily("openopen8_circuit_state",
                                    "Circuit breaker per enabled channel: 0 closed, 1 half-open, 2 open.",

@@ -14,11 +14,13 @@ from django.conf import settings
 from django.db import connection
 
 from channels import adapters
-from channels.adapters.base import ChannelTarget
-from channels.services import channel_key_reject
+from channels.adapters import ChannelTarget
+from channels.services import channel_attempt_record, channel_key_reject
 from gateway import dispatch
-from gateway.cache import circuits_for
-from gateway.errors import (
+from gateway.hosting import images_deliver
+from gateway.state import CircuitView, LeaseAsk, SharedState, Window, admitted, shared_state
+from gateway.usage import Attempt
+from openopen8.core.errors import (
     GatewayError,
     RateLimited,
     ServiceUnavailable,
@@ -26,11 +28,7 @@ from gateway.errors import (
     UpstreamKeyRejected,
     UpstreamTimeout,
 )
-from gateway.hosting import images_deliver
-from gateway.models import UsageLog
-from gateway.schemas import ImageRequest, ImagesResponse
-from gateway.shared import CircuitView, SharedState, admitted, shared_state
-from gateway.usage import attempt_record
+from openopen8.core.schemas import ImageRequest, ImagesResponse
 
 _rng = random.Random()
 CLOSED = CircuitView()
@@ -59,9 +57,9 @@ def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iter
     if per_minute is None and in_flight is None:
         yield None
         return
-    with admitted(state, window=(f"ipm:channel:{target.id}", images, per_minute) if per_minute is not None else None,
-                  lease=(f"inflight:channel:{target.id}", in_flight, lease_ttl()) if in_flight is not None else None
-                  ) as admission:
+    window = Window(f"ipm:channel:{target.id}", images, per_minute) if per_minute is not None else None
+    lease = LeaseAsk(f"inflight:channel:{target.id}", in_flight, lease_ttl()) if in_flight is not None else None
+    with admitted(state, window=window, lease=lease) as admission:
         refused = admission.refused
         yield None if refused is None else admission.wait if refused == "window" else 1.0
 
@@ -80,11 +78,19 @@ def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
     _release_database()
     result, provider_ms = adapters.call(target, req, timeout=timeout)
     if not result.data:
-        raise UpstreamError("The provider returned no images.", channel_fault=True, retryable=True)
+        raise UpstreamError("The provider returned no images.", channel_fault=True)
     result = ImagesResponse(result.created, result.data[: req.n], result.extra)
     delivered = images_deliver(result, response_format=req.response_format, files_url=files_url,
                                ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=timeout, trusted=target.base_url)
     return delivered, provider_ms
+
+
+def _record(target: ChannelTarget, req: ImageRequest, started: float, *, provider_ms: int | None = None,
+            error: GatewayError | None = None) -> Attempt:
+    """The attempt, its outcome also written on the channel."""
+    latency_ms = int((time.monotonic() - started) * 1000)
+    channel_attempt_record(target.id, latency_ms=latency_ms, error=error.message if error is not None else None)
+    return Attempt(target.id, target.name, target.provider_model(req.model), latency_ms, provider_ms, error)
 
 
 def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
@@ -100,9 +106,10 @@ def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
     return None
 
 
-def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget], *, files_url: str,
-                 deadline: float) -> ImagesResponse:
-    """The client's images from the first channel that delivers them.
+def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: dict[int, CircuitView],
+                 attempts: list[Attempt], files_url: str, deadline: float) -> ImagesResponse:
+    """The client's images from the first channel of ``targets`` that delivers them, skipping those whose circuit
+    is open; every channel tried is appended to ``attempts``.
 
     Raises the client's error as soon as a provider blames the request; ``UpstreamError``/``UpstreamTimeout``/
     ``ServiceUnavailable`` when every channel failed; ``RateLimited`` (429) with ``Retry-After`` when the channels
@@ -110,7 +117,6 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
     ``UpstreamTimeout`` when the deadline (monotonic) passes.
     """
     state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
-    circuits = circuits_for([t.id for t in targets])
     now = time.time()
     waits = [v.open_until - now for v in circuits.values() if v.state(now) == "open" and v.open_until]
     limit_waits: list[float] = []
@@ -133,12 +139,10 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
                 continue
             tried += 1
             started = time.monotonic()
-            log.channel_id, log.provider_model = target.id, target.provider_model(req.model)
             try:
-                result, log.provider_latency_ms = _attempt(target, req, files_url=files_url, timeout=timeout)
+                result, provider_ms = _attempt(target, req, files_url=files_url, timeout=timeout)
             except GatewayError as error:
-                log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000),
-                                                   error=error))
+                attempts.append(_record(target, req, started, error=error))
                 retry_with = _after_failure(state, target, view, error)
                 if retry_with is not None:
                     queue.insert(0, retry_with)
@@ -151,7 +155,7 @@ def images_route(log: UsageLog, req: ImageRequest, targets: list[ChannelTarget],
                 raise
         if view != CLOSED:
             state.circuit_ok(target.id)
-        log.attempts.append(attempt_record(target, latency_ms=int((time.monotonic() - started) * 1000)))
+        attempts.append(_record(target, req, started, provider_ms=provider_ms))
         return result
     if last_error is not None:
         raise _all_failed(req, tried, last_error)

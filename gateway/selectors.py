@@ -7,17 +7,17 @@ from decimal import Decimal
 
 from django.db.models import Sum
 
-from channels.adapters.base import ChannelTarget
-from gateway.cache import enabled_channels, prices_for
+from channels.adapters import ChannelTarget
+from gateway.cache import ConfigSnapshot
 from gateway.models import UsageLog
 
 log = logging.getLogger(__name__)
 
 
-def channel_targets_for(*, model: str) -> list[ChannelTarget]:
+def channel_targets_for(config: ConfigSnapshot, *, model: str) -> list[ChannelTarget]:
     """Enabled channels that serve ``model`` (by name, wildcard or mapping), as adapter targets. Cached."""
     targets = []
-    for channel in enabled_channels():
+    for channel in config.enabled_channels():
         if not channel.serves(model):
             continue
         try:
@@ -30,18 +30,18 @@ def channel_targets_for(*, model: str) -> list[ChannelTarget]:
     return targets
 
 
-def served_model_names() -> set[str]:
+def served_model_names(config: ConfigSnapshot) -> set[str]:
     """Every model name an enabled channel lists or maps. Cached."""
     names: set[str] = set()
-    for channel in enabled_channels():
+    for channel in config.enabled_channels():
         names.update(channel.model_names(), channel.model_map)
     return names
 
 
-def price_for(*, model: str, size: str | None, quality: str | None) -> Decimal:
+def price_for(config: ConfigSnapshot, *, model: str, size: str | None, quality: str | None) -> Decimal:
     """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. Cached."""
     best, best_score = Decimal(0), -1
-    for price in prices_for(model):
+    for price in config.prices_for(model):
         if price.size not in ("", size) or price.quality not in ("", quality):
             continue
         score = (price.size != "") * 2 + (price.quality != "")

@@ -11,18 +11,21 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from channels.adapters.base import ChannelTarget
+from channels.adapters import ChannelTarget
 from gateway import dispatch
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
+from gateway.cache import ConfigSnapshot
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
 from gateway.routing import images_route, lease_ttl
-from gateway.rules import check_request
-from gateway.schemas import ImageRequest, JSONDict
 from gateway.selectors import channel_targets_for, price_for
-from gateway.shared import admitted, shared_state
+from gateway.state import LeaseAsk, Window, admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import usage_complete, usage_describe, usage_fail, usage_insert, usage_insert_holding, usage_new
+from gateway.usage import Attempt, usage_attempts, usage_describe, usage_fail, usage_new
+from gateway.usage_sql import usage_insert, usage_insert_holding
+from gateway.usage_writers import usage_complete
+from openopen8.core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
+from openopen8.core.rules import check_request
+from openopen8.core.schemas import ImageRequest, JSONDict
 
 
 @contextmanager
@@ -33,9 +36,9 @@ def token_slot(token: ApiToken) -> Iterator[None]:
     if rpm is None and in_flight is None:
         yield
         return
-    with admitted(shared_state(), window=(f"rpm:token:{token.pk}", 1, rpm) if rpm is not None else None,
-                  lease=(f"inflight:token:{token.pk}", in_flight, lease_ttl()) if in_flight is not None else None
-                  ) as admission:
+    window = Window(f"rpm:token:{token.pk}", 1, rpm) if rpm is not None else None
+    lease = LeaseAsk(f"inflight:token:{token.pk}", in_flight, lease_ttl()) if in_flight is not None else None
+    with admitted(shared_state(), window=window, lease=lease) as admission:
         if admission.refused == "window":
             raise RateLimited(f"Rate limit reached for this API key: {rpm} requests per minute. Try again shortly.",
                               retry_after=max(1, math.ceil(admission.wait)))
@@ -63,10 +66,10 @@ def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageL
     return req
 
 
-def _targets(req: ImageRequest) -> list[ChannelTarget]:
+def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
     """The channels that can serve this request. Raises ``ModelNotFound`` when no channel serves the model, and
     ``InvalidRequest`` when channels serve it but none can do this endpoint with these inputs."""
-    targets = channel_targets_for(model=req.model)
+    targets = channel_targets_for(config, model=req.model)
     if not targets:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
     files = {name for name, f in (("image", req.images), ("mask", req.mask), ("markup", req.markup)) if f}
@@ -79,8 +82,8 @@ def _targets(req: ImageRequest) -> list[ChannelTarget]:
     return able
 
 
-def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = None, request_id: str,
-                  files_url: str) -> JSONDict:
+def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, body: Any, files: Any = None,
+                  request_id: str, files_url: str) -> JSONDict:
     """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
 
     ``files`` are a multipart request's files; ``None`` for JSON. Raises ``GatewayError``: ``InvalidRequest`` (400)
@@ -90,14 +93,16 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
     """
     started = time.monotonic()
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
+    attempts: list[Attempt] = []
     try:
         with ExitStack() as stack:
             stack.enter_context(token_slot(token))
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
-            targets = _targets(req)
-            price = to_micros(price_for(model=req.model, size=req.size, quality=req.quality))
+            targets = _targets(config, req)
+            price = to_micros(price_for(config, model=req.model, size=req.size, quality=req.quality))
             _write_pending(log, token, hold=price * req.n if token.budget_micros is not None else 0)
-            result = images_route(log, req, targets, files_url=files_url,
+            result = images_route(req, targets, circuits=config.circuits_for([t.id for t in targets]),
+                                  attempts=attempts, files_url=files_url,
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
         log.status, log.http_status = UsageLog.Status.SUCCESS, 200
@@ -109,6 +114,7 @@ def images_create(*, token: ApiToken, endpoint: str, body: Any, files: Any = Non
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
+        usage_attempts(log, attempts)
         log.latency_ms = int((time.monotonic() - started) * 1000)
         log.completed_at = timezone.now()
         record_request(log)

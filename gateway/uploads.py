@@ -21,9 +21,9 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from PIL import Image
 
-from channels import http
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.schemas import ImageInput, ImageRequest, JSONDict
+from openopen8.core import http
+from openopen8.core.errors import GatewayError, InvalidRequest
+from openopen8.core.schemas import ImageInput, ImageRequest, JSONDict
 
 FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)

@@ -19,14 +19,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from gateway.errors import InvalidRequest, NotFound, RequestTooLarge, error_response
+from gateway.auth import ApiAccess
+from gateway.exception_handlers import error_response
 from gateway.hosting import image_open
 from gateway.metrics import metrics_text
-from gateway.models import ApiToken
-from gateway.rules import from_form
 from gateway.selectors import served_model_names
 from gateway.services import images_create
-from gateway.shared import shared_state
+from gateway.state import shared_state
+from openopen8.core.errors import MethodNotAllowed, NotFound, RequestTooLarge
+from openopen8.core.rules import from_form
 
 
 @cache
@@ -87,12 +88,12 @@ class ImagesApi(GatewayApi):
     endpoint: str  # generations, edits or variations, set by each subclass
 
     def post(self, request: Request) -> Response:
-        token = cast(ApiToken, request.auth)  # HasApiToken lets no request through without one
+        access = cast(ApiAccess, request.auth)  # HasApiToken lets no request through without one
         multipart = request.content_type.startswith("multipart/")
         body: Any = request.data
         if multipart:  # text fields only (the last value of a repeated one), typed as JSON would be
             body = from_form({k: v for k, v in cast(QueryDict, body).items() if k not in request.FILES})
-        result = images_create(token=token, endpoint=self.endpoint, body=body,
+        result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, body=body,
                                files=request.FILES if multipart else None, request_id=self.request_id,
                                files_url=files_url(request))
         return Response(result)
@@ -118,8 +119,8 @@ class ModelListApi(GatewayApi):
     """The models this key can use: those some enabled channel serves by name, within the key's allowed list."""
 
     def get(self, request: Request) -> Response:
-        token = cast(ApiToken, request.auth)
-        names = sorted(name for name in served_model_names() if name != "*" and token.allows(name))
+        access = cast(ApiAccess, request.auth)
+        names = sorted(name for name in served_model_names(access.config) if name != "*" and access.token.allows(name))
         return Response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
 
@@ -127,10 +128,7 @@ class ModelListApi(GatewayApi):
 def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     """A hosted image, with its content type, until its URL expires. The unguessable name is the credential."""
     if request.method not in ("GET", "HEAD"):
-        error = InvalidRequest(f"Method {request.method} is not allowed for image files; use GET.",
-                               code="method_not_allowed")
-        error.status = 405
-        return error_response(error)
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for image files; use GET."))
     try:
         file, content_type, seconds_left = image_open(name)
     except NotFound as error:
@@ -157,12 +155,7 @@ def readyz(request: HttpRequest) -> JsonResponse:
         checks["database"] = "ok"
     except Exception as e:  # any driver error means not ready
         checks["database"] = f"error: {type(e).__name__}"
-    if settings.REDIS_URL:
-        try:
-            shared_state().redis.ping()  # type: ignore[attr-defined]
-            checks["redis"] = "ok"
-        except Exception as e:
-            checks["redis"] = f"error: {type(e).__name__}"
+    checks.update(shared_state().health())
     ready = all(v == "ok" for v in checks.values())
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 

@@ -202,7 +202,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["gateway.auth.HasApiToken"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "EXCEPTION_HANDLER": "gateway.errors.exception_handler",
+    "EXCEPTION_HANDLER": "gateway.exception_handlers.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
 

@@ -19,7 +19,7 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]
 
-handler400 = "gateway.errors.handler400"
-handler403 = "gateway.errors.handler403"
-handler404 = "gateway.errors.handler404"
-handler500 = "gateway.errors.handler500"
+handler400 = "gateway.exception_handlers.handler400"
+handler403 = "gateway.exception_handlers.handler403"
+handler404 = "gateway.exception_handlers.handler404"
+handler500 = "gateway.exception_handlers.handler500"

@@ -29,7 +29,7 @@ def assert_openai_error(r: Any, status: int, type: str, code: str | None = None,
 
 
 def clear_of_minute_boundary(needed: float = 10.0) -> None:
-    """Per-minute limits count in fixed windows of the clock's minutes (gateway/shared.py); a test that fills one must
+    """Per-minute limits count in fixed windows of the clock's minutes (gateway/state/); a test that fills one must
     not straddle two. Waits for the next minute when fewer than ``needed`` seconds of this one are left."""
     left = 60 - time.time() % 60
     if left < needed:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -32,9 +32,10 @@ def close_stray_connections(django_db_setup: Any, django_db_blocker: Any) -> Any
 def fresh_shared_state(settings: Any) -> None:
     """Circuit breakers and limits kept in Redis outlive a test's database rollback: start each test clean."""
     if settings.REDIS_URL:
-        from gateway.shared import shared_state
+        from gateway.state import shared_state
+        from gateway.state.redis import RedisState
 
-        client = shared_state().redis  # type: ignore[attr-defined]
+        client = cast(RedisState, shared_state()).redis
         keys = list(client.scan_iter("oo8:*"))
         if keys:
             client.delete(*keys)
@@ -43,7 +44,8 @@ def fresh_shared_state(settings: Any) -> None:
 @pytest.fixture(autouse=True)
 def fresh_process_state() -> None:
     """Per-process memos keyed by database ids: ids repeat once a test's rows are rolled back."""
-    from gateway import cache, usage
+    from channels.services import attempt_marks_reset
+    from gateway.cache import cache_reset
 
-    usage._last_written.clear()
-    cache._cache.circuits.clear()
+    attempt_marks_reset()
+    cache_reset()

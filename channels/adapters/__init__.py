@@ -15,8 +15,11 @@ from urllib.parse import urlsplit
 from django.utils.module_loading import import_string
 
 from channels.adapters.base import Adapter, ChannelTarget
-from gateway.errors import GatewayError, UpstreamTimeout, mask_secrets
-from gateway.schemas import ImageRequest, ImagesResponse
+from openopen8.core.errors import GatewayError, UpstreamTimeout, mask_secrets
+from openopen8.core.http_pool import MAX_PARALLEL_CALLS
+from openopen8.core.schemas import ImageRequest, ImagesResponse
+
+__all__ = ["ADAPTERS", "KIND_CHOICES", "Adapter", "ChannelTarget", "call", "get_adapter"]
 
 ADAPTERS: dict[str, tuple[str, str]] = {
     "openai": ("OpenAI-compatible", "channels.adapters.openai.OpenAICompatibleAdapter"),
@@ -31,7 +34,6 @@ ADAPTERS: dict[str, tuple[str, str]] = {
     "placeholder": ("Placeholder (demo and tests; no real images)", "channels.adapters.placeholder.PlaceholderAdapter"),
 }
 KIND_CHOICES = [(kind, label) for kind, (label, _path) in ADAPTERS.items()]
-MAX_PARALLEL_CALLS = 4
 MAX_POLL_WAIT = 5.0
 
 

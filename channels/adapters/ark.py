@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from channels.adapters.base import ChannelTarget, only_keys
 from channels.adapters.convert import data_url, dimensions
 from channels.adapters.openai import OpenAICompatibleAdapter, images_from_body
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageRequest, ImagesResponse, JSONDict
 
 TIERS = ("1K", "2K", "4K")
 OPENAI_ONLY = ("n", "quality", "style", "background", "moderation", "output_compression", "user", "input_fidelity")

@@ -10,9 +10,9 @@ from typing import Any
 
 from channels.adapters.base import ChannelTarget, classify, only_keys
 from channels.adapters.openai import OpenAICompatibleAdapter
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import ContentPolicyViolation, GatewayError
-from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import ContentPolicyViolation, GatewayError
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageRequest, ImagesResponse, JSONDict
 
 DEFAULT_API_VERSION = "2025-04-01-preview"
 

@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from channels import http
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import (
+from openopen8.core import http
+from openopen8.core.errors import (
     ContentPolicyViolation,
     GatewayError,
     InvalidRequest,
@@ -22,7 +21,8 @@ from gateway.errors import (
     UpstreamError,
     UpstreamKeyRejected,
 )
-from gateway.schemas import ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageRequest, ImagesResponse, JSONDict
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
                                    channel_fault=True)
     if status == 429:
         return RateLimited(f"The provider is rate limiting this channel (HTTP {status}).", channel_fault=True,
-                           retryable=True, retry_after=retry_after(resp))
+                           retry_after=retry_after(resp))
     if status == 408 or status >= 500:
-        return UpstreamError(f"The provider failed (HTTP {status}).", channel_fault=True, retryable=True)
+        return UpstreamError(f"The provider failed (HTTP {status}).", channel_fault=True)
     if status in (400, 413, 415, 422):
         return InvalidRequest(message, param=param if isinstance(param, str) and param else None,
                               code=code if isinstance(code, str) else None)

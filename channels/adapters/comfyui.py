@@ -19,9 +19,9 @@ from urllib.parse import urlencode
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, only_keys
 from channels.adapters.convert import dimensions, with_mask_as_alpha
-from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
-from gateway.errors import UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import UpstreamError
+from openopen8.core.http import UploadPart, UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def fill(value: Any, values: dict[str, Any]) -> Any:
 
 
 def _malformed(why: str) -> UpstreamError:
-    return UpstreamError(f"The provider sent a malformed answer ({why}).", channel_fault=True, retryable=True)
+    return UpstreamError(f"The provider sent a malformed answer ({why}).", channel_fault=True)
 
 
 class ComfyUIAdapter(Adapter):

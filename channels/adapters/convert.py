@@ -9,7 +9,7 @@ import math
 
 from PIL import Image
 
-from gateway.schemas import ImageInput
+from openopen8.core.schemas import ImageInput
 
 
 def dimensions(size: str | None) -> tuple[int, int] | None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import dimensions
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import ContentPolicyViolation, GatewayError, UpstreamError
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 PARAMETERS = ("seed", "watermark", "prompt_extend", "style")
 
@@ -75,7 +75,7 @@ class DashScopeAdapter(Adapter):
         body = resp.json()
         output = body.get("output") if isinstance(body, dict) else None
         if not isinstance(output, dict) or not output.get("task_id"):
-            raise UpstreamError("The provider sent a malformed answer (no task).", channel_fault=True, retryable=True)
+            raise UpstreamError("The provider sent a malformed answer (no task).", channel_fault=True)
         status = output.get("task_status")
         poll = Poll(UpstreamRequest("GET", f"{target.base_url.rstrip('/')}/tasks/{output['task_id']}",
                                     self._headers(target)), after=target.config.poll_interval)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from channels.adapters.base import Adapter, ChannelTarget
 from channels.adapters.convert import nearest_ratio
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import ContentPolicyViolation, UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import ContentPolicyViolation, UpstreamError
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 GEMINI_RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9"]
 IMAGEN_RATIOS = ["1:1", "3:4", "4:3", "9:16", "16:9"]
@@ -78,7 +78,7 @@ class GeminiAdapter(Adapter):
                        target: ChannelTarget) -> ImagesResponse:
         body = resp.json()
         if not isinstance(body, dict):
-            raise UpstreamError("The provider sent a malformed answer.", channel_fault=True, retryable=True)
+            raise UpstreamError("The provider sent a malformed answer.", channel_fault=True)
         images, reasons = [], []
         for prediction in body.get("predictions") or []:
             if prediction.get("bytesBase64Encoded"):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget, only_keys
-from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
-from gateway.errors import UpstreamError
-from gateway.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import UpstreamError
+from openopen8.core.http import UploadPart, UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import RESPONSE_PASSTHROUGH, ImageData, ImageRequest, ImagesResponse, JSONDict
 
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -27,7 +27,7 @@ def form_value(value: object) -> str:
 
 
 def malformed(why: str) -> UpstreamError:
-    return UpstreamError(f"The provider sent a malformed answer ({why}).", channel_fault=True, retryable=True)
+    return UpstreamError(f"The provider sent a malformed answer ({why}).", channel_fault=True)
 
 
 class OpenAICompatibleAdapter(Adapter):

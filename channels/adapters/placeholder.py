@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 from channels.adapters.base import ChannelTarget
 from channels.adapters.openai import Config, OpenAICompatibleAdapter
 from channels.adapters.sd_webui import parse_size
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import InvalidRequest
-from gateway.schemas import ImageRequest, JSONDict
+from openopen8.core.errors import InvalidRequest
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageRequest, JSONDict
 
 MAX_SIDE = 4096
 LABEL = "OpenOpen8 placeholder - not a generated image"

@@ -14,9 +14,9 @@ from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import data_url, dimensions, nearest_ratio
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import ContentPolicyViolation, GatewayError, UpstreamError
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 MAPPABLE = ("prompt", "n", "image", "mask", "negative_prompt", "seed", "output_format")
@@ -81,8 +81,7 @@ class ReplicateAdapter(Adapter):
                        target: ChannelTarget) -> ImagesResponse | Poll:
         prediction = resp.json()
         if not isinstance(prediction, dict) or "status" not in prediction:
-            raise UpstreamError("The provider sent a malformed answer (no prediction).", channel_fault=True,
-                                retryable=True)
+            raise UpstreamError("The provider sent a malformed answer (no prediction).", channel_fault=True)
         status = prediction["status"]
         if status in ("starting", "processing"):
             url = ((prediction.get("urls") or {}).get("get")

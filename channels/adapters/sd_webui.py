@@ -10,9 +10,9 @@ from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import white_repaint_mask
-from channels.http import UpstreamRequest, UpstreamResponse
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import GatewayError, InvalidRequest, UpstreamError
+from openopen8.core.http import UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ class SDWebUIAdapter(Adapter):
         body = resp.json()
         images = body.get("images") if isinstance(body, dict) else None
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise UpstreamError("The provider sent a malformed answer (no images list).", channel_fault=True,
-                                retryable=True)
+            raise UpstreamError("The provider sent a malformed answer (no images list).", channel_fault=True)
         try:
             first = int(json.loads(body.get("info") or "{}").get("index_of_first_image", 0))
         except (ValueError, AttributeError, TypeError):

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import nearest_ratio, white_repaint_mask
-from channels.http import UploadPart, UpstreamRequest, UpstreamResponse
-from gateway.errors import ContentPolicyViolation, GatewayError, UpstreamError
-from gateway.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
+from openopen8.core.errors import ContentPolicyViolation, GatewayError, UpstreamError
+from openopen8.core.http import UploadPart, UpstreamRequest, UpstreamResponse
+from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 RATIOS = ["21:9", "16:9", "3:2", "5:4", "1:1", "4:5", "2:3", "9:16", "9:21"]
 ENDPOINTS = ("core", "ultra", "sd3")
@@ -84,7 +84,7 @@ class StabilityAdapter(Adapter):
                        target: ChannelTarget) -> ImagesResponse:
         body = resp.json()
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
-            raise UpstreamError("The provider sent a malformed answer (no image).", channel_fault=True, retryable=True)
+            raise UpstreamError("The provider sent a malformed answer (no image).", channel_fault=True)
         if body.get("finish_reason") == "CONTENT_FILTERED":
             # Stability blurs a filtered image and still answers 200: the client gets the refusal, not the blur.
             raise ContentPolicyViolation("Your request was rejected by the provider's content filter.")

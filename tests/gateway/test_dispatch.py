@@ -5,7 +5,7 @@ from collections import Counter
 
 from channels.adapters.base import ChannelTarget
 from gateway.dispatch import plan_attempts, should_fail_over
-from gateway.errors import ContentPolicyViolation, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from openopen8.core.errors import ContentPolicyViolation, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 
 
 def target(id: int, *, priority: int = 0, weight: int = 1) -> ChannelTarget:
@@ -37,8 +37,8 @@ def test_the_plan_is_cut_at_max_attempts() -> None:
 
 
 def test_channel_faults_fail_over_while_attempts_remain() -> None:
-    for error in (UpstreamError("x", channel_fault=True), UpstreamTimeout("x", channel_fault=True, retryable=True),
-                  RateLimited("x", channel_fault=True, retryable=True)):
+    for error in (UpstreamError("x", channel_fault=True), UpstreamTimeout("x", channel_fault=True),
+                  RateLimited("x", channel_fault=True)):
         assert should_fail_over(error, attempts_left=1)
         assert not should_fail_over(error, attempts_left=0)
 

@@ -22,12 +22,14 @@ from django.http import HttpResponseBase
 from django.test import RequestFactory, TransactionTestCase, override_settings
 from django.test.utils import CaptureQueriesContext
 
-from channels import http
 from channels.models import Channel
 from gateway import cache
-from gateway.errors import UpstreamError
 from gateway.models import ApiToken, key_prefix
-from gateway.shared import DatabaseState, RedisState, shared_state
+from gateway.state import shared_state
+from gateway.state.database import DatabaseState
+from gateway.state.redis import RedisState
+from openopen8.core import http, http_pool
+from openopen8.core.errors import UpstreamError
 from tests.base import ApiTestCase, assert_openai_error, eventually, post_json
 from tests.factories import make_channel, make_price, make_token, openai_images
 from tests.fake_upstream import FakeUpstream
@@ -104,7 +106,7 @@ class ChangeInTransactionTests(TransactionTestCase):
 
         def another_request() -> None:
             try:
-                found = cache.tokens_with_prefix(key_prefix(key))
+                found = cache.config_snapshot().tokens_with_prefix(key_prefix(key))
                 self.assertTrue(found and found[0].enabled)  # the change is not committed yet
             finally:
                 connection.close()
@@ -162,7 +164,7 @@ class RedisHotPathTests(ApiTestCase):
             raise unittest.SkipTest("needs REDIS_URL, as .ci/run sets it")
         super().setUp()
         self.state = cast(RedisState, shared_state())
-        self.state.versions()  # starts this process's listener if no test has yet
+        self.state.listen()  # as a worker does when it starts (openopen8/runtime.py)
         self.other_node = RedisState(settings.REDIS_URL)  # the same Redis, its own process-local view
         # Each test starts from an emptied Redis: the first read starts a circuits version, and this process hears it.
         eventually(lambda: self.state.listening() and self.state.versions() == self.other_node.read_versions())
@@ -308,12 +310,11 @@ class ProviderConnectionTests(ApiTestCase):
 
     def test_pools_are_kept_for_at_most_max_origins_providers(self) -> None:
         # A gateway with many channels keeps a bounded number of provider pools; the oldest is closed to make room.
-        first = http._provider_pool("http://127.0.0.1:1")
-        for port in range(2, http.MAX_ORIGINS + 2):
-            http._provider_pool(f"http://127.0.0.1:{port}")
-        assert http._pools is not None
-        self.assertEqual(len(http._pools[1]), http.MAX_ORIGINS)
-        self.assertNotIn("http://127.0.0.1:1", http._pools[1])
+        first = http_pool.provider_pool("http://127.0.0.1:1")
+        for port in range(2, http_pool.MAX_ORIGINS + 2):
+            http_pool.provider_pool(f"http://127.0.0.1:{port}")
+        self.assertEqual(len(http_pool.pool_origins()), http_pool.MAX_ORIGINS)
+        self.assertNotIn("http://127.0.0.1:1", http_pool.pool_origins())
         self.assertIsNone(first.pool)  # closed: its idle connections are gone
 
     def test_a_connection_the_provider_closed_while_idle_is_not_used_again(self) -> None:
@@ -358,9 +359,9 @@ class ProviderConnectionTests(ApiTestCase):
             import django, gevent
             django.setup()
             from urllib3.connection import HTTPConnection
-            from channels import http
+            from openopen8.core import http_pool
             server = socket.create_server(("127.0.0.1", 0))
-            conn = http._provider_pool(f"http://127.0.0.1:{server.getsockname()[1]}")._new_conn()
+            conn = http_pool.provider_pool(f"http://127.0.0.1:{server.getsockname()[1]}")._new_conn()
             conn.connect()
             peer, _ = server.accept()
             seen = {}

@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from channels.models import Channel
 from gateway.models import ApiToken, UsageLog
-from gateway.shared import DatabaseState, RedisState, shared_state
+from gateway.state import LeaseAsk, Window, shared_state
+from gateway.state.database import DatabaseState
+from gateway.state.redis import RedisState
 from gateway.sweeper import usage_sweep
 from tests.base import ApiTestCase, clear_of_minute_boundary
 from tests.factories import make_channel, make_token, make_usage_log, openai_images
@@ -110,18 +112,18 @@ class AdmissionTests(TestCase):
         for state in {type(s): s for s in (DatabaseState(), shared_state())}.values():  # Redis too, where configured
             with self.subTest(type(state).__name__):
                 clear_of_minute_boundary()
-                rpm, places = (f"rpm:{uuid.uuid4().hex}", 1, 2), f"inflight:{uuid.uuid4().hex}"
-                first = state.admit(window=rpm, lease=(places, 1, 30))
+                rpm, places = Window(f"rpm:{uuid.uuid4().hex}", 1, 2), f"inflight:{uuid.uuid4().hex}"
+                first = state.admit(window=rpm, lease=LeaseAsk(places, 1, 30))
                 self.assertEqual((first.refused, bool(first.lease_id)), (None, True))
                 # The one place is taken: refused, and not counted against the minute's two.
-                self.assertEqual(state.admit(window=rpm, lease=(places, 1, 30)).refused, "lease")
+                self.assertEqual(state.admit(window=rpm, lease=LeaseAsk(places, 1, 30)).refused, "lease")
                 state.release(places, str(first.lease_id))
-                self.assertIsNone(state.admit(window=rpm, lease=(places, 2, 30)).refused)  # the second of two
-                full = state.admit(window=rpm, lease=(places, 2, 30))
+                self.assertIsNone(state.admit(window=rpm, lease=LeaseAsk(places, 2, 30)).refused)  # the second of two
+                full = state.admit(window=rpm, lease=LeaseAsk(places, 2, 30))
                 self.assertEqual(full.refused, "window")
                 self.assertTrue(0 < full.wait <= 60)
                 # The request the window refused took no place: one is still free of two.
-                self.assertIsNotNone(state.admit(window=None, lease=(places, 2, 30)).lease_id)
+                self.assertIsNotNone(state.admit(window=None, lease=LeaseAsk(places, 2, 30)).lease_id)
 
 
 class DatabaseStateTests(TestCase):
@@ -129,15 +131,15 @@ class DatabaseStateTests(TestCase):
 
     def test_windows_leases_and_circuits(self) -> None:
         state = DatabaseState()
-        self.assertIsNone(state.window_add("w", 2, limit=3))
-        self.assertIsNone(state.window_add("w", 1, limit=3))
-        wait = state.window_add("w", 1, limit=3)
-        self.assertTrue(wait is not None and 0 < wait <= 60)
-        first = state.lease("l", limit=1, ttl=0.2)
+        self.assertIsNone(state.admit(window=Window("w", 2, 3), lease=None).refused)
+        self.assertIsNone(state.admit(window=Window("w", 1, 3), lease=None).refused)
+        full = state.admit(window=Window("w", 1, 3), lease=None)
+        self.assertTrue(full.refused == "window" and 0 < full.wait <= 60)
+        first = state.admit(window=None, lease=LeaseAsk("l", 1, 0.2)).lease_id
         self.assertIsNotNone(first)
-        self.assertIsNone(state.lease("l", limit=1, ttl=0.2))
+        self.assertIsNone(state.admit(window=None, lease=LeaseAsk("l", 1, 0.2)).lease_id)
         time.sleep(0.25)  # a lease whose worker died lapses
-        self.assertIsNotNone(state.lease("l", limit=1, ttl=5))
+        self.assertIsNotNone(state.admit(window=None, lease=LeaseAsk("l", 1, 5)).lease_id)
         channel = make_channel(base_url="http://127.0.0.1:9")
         with override_settings(OPENOPEN8_BREAKER_THRESHOLD=2, OPENOPEN8_BREAKER_COOLDOWN=0.1):
             state.circuit_failed(channel.pk)
@@ -169,7 +171,7 @@ class RedisPoolTests(TestCase):
             barrier.wait()
             try:
                 for _ in range(10):
-                    state.window_add("pool-test", 1, limit=1000)
+                    state.admit(window=Window("pool-test", 1, 1000), lease=None)
             except BaseException as error:  # noqa: BLE001 - collected for the assertion below
                 errors.append(error)
 
@@ -179,7 +181,8 @@ class RedisPoolTests(TestCase):
         for t in threads:
             t.join()
         self.assertEqual(errors, [])
-        self.assertIsNotNone(state.window_add("pool-test", 1, limit=240))  # all 240 calls were counted
+        # All 240 calls were counted: the window of 240 is full.
+        self.assertEqual(state.admit(window=Window("pool-test", 1, 240), lease=None).refused, "window")
         clients = [c for c in state.redis.client_list() if c.get("name") == name]
         self.assertLessEqual(len(clients), 2)
 

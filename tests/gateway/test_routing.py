@@ -10,7 +10,7 @@ from django.test import LiveServerTestCase, override_settings
 
 from channels.models import Channel, key_fingerprint
 from gateway.models import ApiToken, UsageLog
-from gateway.shared import shared_state
+from gateway.state import shared_state
 from tests.base import ApiTestCase, assert_openai_error, clear_of_minute_boundary
 from tests.factories import make_channel, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream, Recorded

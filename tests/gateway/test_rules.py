@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway import rules
-from gateway.errors import InvalidRequest
-from gateway.rules import check_request
+from openopen8.core import rules
+from openopen8.core.errors import InvalidRequest
+from openopen8.core.rules import check_request
 
 
 def rejects(body: dict[str, Any]) -> InvalidRequest:

@@ -12,17 +12,9 @@ from django.test import TransactionTestCase
 from django.utils import timezone
 
 from gateway.models import ApiToken, UsageLog
-from gateway.usage import (
-    _INSERT_VALUES,
-    _statements,
-    _values,
-    _write_completions,
-    usage_finish,
-    usage_finish_retrying,
-    usage_insert,
-    usage_insert_holding,
-    usage_new,
-)
+from gateway.usage import usage_new
+from gateway.usage_sql import _INSERT_VALUES, _statements, _values, usage_finish, usage_insert, usage_insert_holding
+from gateway.usage_writers import _write_completions, usage_finish_retrying
 from tests.base import post_json
 from tests.factories import make_channel, make_token, openai_images
 from tests.fake_upstream import FakeUpstream, Recorded

@@ -169,9 +169,11 @@ def other_requests():
         ticks.append(time.monotonic())
         gevent.sleep(0.01)
 
+conn = handler["default"]
+conn.ensure_connection()
+print("writing", flush=True)
 gevent.spawn(other_requests)
 gevent.sleep(0)
-conn = handler["default"]
 with conn.cursor() as cursor:
     cursor.execute("INSERT INTO t VALUES (1)")
 print(len(ticks))
@@ -183,12 +185,21 @@ def ticks_while_waiting_for_the_lock(tmp_path: Path, engine: str) -> int:
     tmp_path.mkdir()
     path = tmp_path / "db.sqlite3"
     sqlite3.connect(path, isolation_level=None).execute("CREATE TABLE t (x INTEGER)")
-    released = hold_write_lock(path, 0.5)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(GEVENT_WAIT.format(
-        root=str(ROOT), engine=engine, path=str(path)))], capture_output=True, text=True, timeout=30)
-    released.join()
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.strip())
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(GEVENT_WAIT.format(
+        root=str(ROOT), engine=engine, path=str(path)))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "writing"  # the lock is held from here for 0.5 s
+        time.sleep(0.5)
+        holder.execute("COMMIT")
+        out, err = process.communicate(timeout=30)
+    finally:
+        holder.close()
+        process.kill()
+    assert process.returncode == 0, err[-2000:]
+    return int(out.strip())
 
 
 def test_under_gevent_the_other_requests_go_on_while_a_write_waits_for_the_lock(tmp_path: Path) -> None:

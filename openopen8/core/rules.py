@@ -14,8 +14,8 @@ from typing import Any
 
 from django.conf import settings
 
-from gateway.errors import InvalidRequest
-from gateway.schemas import ImageRequest, JSONDict
+from openopen8.core.errors import InvalidRequest
+from openopen8.core.schemas import ImageRequest, JSONDict
 
 BUILTIN_RULES = Path(__file__).with_name("model_rules.json")
 

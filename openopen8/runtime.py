@@ -1,0 +1,38 @@
+"""What a worker process starts when it has loaded the app and stops before it exits, in one place. gunicorn calls
+``start`` from ``post_worker_init`` and ``stop`` from ``worker_exit``; anything else serving the app (tests,
+``manage.py runserver``) runs without them: requests then read the versions themselves, write their usage rows before
+answering, and leave sweeping to ``manage.py sweep``."""
+
+from __future__ import annotations
+
+import os
+
+_started_in: int | None = None  # the pid that started, so a fork starts its own
+
+
+def start() -> None:
+    """Start this process's background work: SQLite checkpoints, the sweeper, the usage writers and the versions
+    subscription. Once per process."""
+    global _started_in
+    if _started_in == os.getpid():
+        return
+    _started_in = os.getpid()
+    from gateway.state import shared_state
+    from gateway.sweeper import start_sweeper
+    from gateway.usage_writers import usage_writers_start
+    from openopen8.sqlite.base import checkpoints_start
+
+    checkpoints_start()  # on SQLite, checkpoints run in the background rather than in a request's commit
+    start_sweeper()  # abandoned requests swept now and then; safe on many workers at once
+    usage_writers_start()  # completed usage rows written after the answer has gone (OPENOPEN8_WRITE_AFTER_ANSWER)
+    shared_state().listen()  # the versions kept current without a round trip a request (Redis)
+
+
+def stop(*, timeout: float) -> None:
+    """Write the usage rows this process still holds, for up to ``timeout`` seconds; any left the sweeper fails and
+    refunds. Nothing to do in a process that never started."""
+    if _started_in != os.getpid():
+        return
+    from gateway.usage_writers import usage_writers_drain
+
+    usage_writers_drain(timeout=timeout)
