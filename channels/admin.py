@@ -12,6 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from channels.adapters import KIND_CHOICES
 from channels.models import ENDPOINTS, Channel, split_names
 from channels.services import channel_test
 from gateway.state import CircuitView, shared_state
@@ -21,6 +22,7 @@ _page = threading.local()
 
 
 class ChannelForm(forms.ModelForm):
+    kind = forms.ChoiceField(label="Type", choices=KIND_CHOICES)
     api_key = forms.CharField(label="API keys", required=False, strip=True,
                               widget=forms.Textarea(attrs={"rows": 2, "autocomplete": "off", "spellcheck": "false"}),
                               help_text="One per line, used in turn.")
@@ -50,12 +52,23 @@ class ChannelForm(forms.ModelForm):
         return self.cleaned_data["api_key"] or (self.instance.api_key if self.instance.pk else "")
 
 
+class KindFilter(admin.SimpleListFilter):
+    title = "type"
+    parameter_name = "kind"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return KIND_CHOICES
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Channel]) -> QuerySet[Channel]:
+        return queryset.filter(kind=self.value()) if self.value() else queryset
+
+
 @admin.register(Channel)
 class ChannelAdmin(EnableDisableAdmin):
     form = ChannelForm
-    list_display = ["name", "kind", "served_models", "endpoints", "priority", "weight", "enabled", "key", "status",
+    list_display = ["name", "type", "served_models", "endpoints", "priority", "weight", "enabled", "key", "status",
                     "circuit", "last_used_at", "last_latency_ms", "last_test"]
-    list_filter = ["kind", "enabled"]
+    list_filter = [KindFilter, "enabled"]
     search_fields = ["name", "served_models", "base_url"]
     readonly_fields = ["disabled_reason", "set_aside_keys", "last_error", "last_error_at", "last_used_at",
                        "last_latency_ms", "last_test_at", "last_test_ok", "last_test_message", "last_test_latency_ms",
@@ -68,6 +81,10 @@ class ChannelAdmin(EnableDisableAdmin):
         _page.circuits = shared_state().circuits(list(Channel.objects.values_list("pk", flat=True)))
         _page.now = time.time()
         return super().changelist_view(request, extra_context)
+
+    @admin.display(description="type", ordering="kind")
+    def type(self, channel: Channel) -> str:
+        return channel.kind_label
 
     @admin.display(description="circuit")
     def circuit(self, channel: Channel) -> str:
