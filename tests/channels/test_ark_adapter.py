@@ -4,6 +4,9 @@ import base64
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from channels.adapters import get_adapter
+from openopen8.core.errors import ContentPolicyViolation
+from tests.adapters import KEY, answer, png_input, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import image_bytes, make_channel, png_b64
 from tests.fake_upstream import FakeUpstream
@@ -65,3 +68,26 @@ class ArkAdapterTests(ApiTestCase):
                                                 {"error": {"code": "OutputImageSensitiveContentDetected"}}]})
             r = self.generate({"model": "seedream", "prompt": "x", "sequential_image_generation": "auto"})
         self.assertEqual(len(r.json()["data"]), 1)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_drops_openai_only_fields_and_picks_a_size_tier() -> None:
+    upstream = get_adapter("ark").build_request(request(model="seedream-4-0", quality="hd", user="u1"),
+                                                target("ark", base_url="https://ark.example/api/v3"))
+    assert upstream.url == "https://ark.example/api/v3/images/generations"
+    assert upstream.headers == {"Authorization": f"Bearer {KEY}"}
+    assert upstream.json is not None
+    assert (upstream.json["size"], upstream.json["response_format"]) == ("4K", "b64_json")
+    assert "n" not in upstream.json and "user" not in upstream.json
+
+
+def test_reference_images_go_as_data_urls() -> None:
+    upstream = get_adapter("ark").build_request(request("edits", model="seedream-4-0", images=(png_input(),)),
+                                                target("ark"))
+    assert upstream.json is not None and upstream.json["image"].startswith("data:image/png;base64,")
+
+
+def test_its_moderation_codes_are_refusals() -> None:
+    error = get_adapter("ark").parse_error(answer(400, {"error": {"code": "OutputImageSensitiveContentDetected",
+                                                                  "message": "sensitive"}}), target("ark"))
+    assert isinstance(error, ContentPolicyViolation) and not error.channel_fault

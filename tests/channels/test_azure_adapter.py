@@ -3,7 +3,10 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from channels.adapters import get_adapter
 from channels.models import Channel
+from openopen8.core.errors import ContentPolicyViolation, UpstreamKeyRejected
+from tests.adapters import KEY, answer, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import image_bytes, make_channel, mask_png, openai_images
 from tests.fake_upstream import FakeUpstream
@@ -71,3 +74,23 @@ class AzureAdapterTests(ApiTestCase):
         channel.endpoints, channel.config = "generations", {"api_version": "latest"}
         with self.assertRaises(ValidationError):
             channel.full_clean()
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_calls_the_deployment_with_the_api_key_header_and_no_model_field() -> None:
+    channel = target("azure", base_url="https://res.openai.azure.com", config={"api_version": "2025-04-01-preview"},
+                     model_map={"gpt-image-1.5": "my-deployment"})
+    upstream = get_adapter("azure").build_request(request(model="gpt-image-1.5"), channel)
+    assert upstream.url == ("https://res.openai.azure.com/openai/deployments/my-deployment/images/generations"
+                            "?api-version=2025-04-01-preview")
+    assert upstream.headers == {"api-key": KEY}
+    assert upstream.json is not None and "model" not in upstream.json and upstream.json["prompt"] == "a red fox"
+
+
+def test_a_content_filter_answer_is_the_clients_refusal_and_a_rejected_key_the_channels() -> None:
+    adapter, channel = get_adapter("azure"), target("azure")
+    filtered = {"error": {"code": "content_policy_violation", "message": "filtered",
+                          "inner_error": {"code": "ResponsibleAIPolicyViolation"}}}
+    assert isinstance(adapter.parse_error(answer(400, filtered), channel), ContentPolicyViolation)
+    assert isinstance(adapter.parse_error(answer(401, {"error": {"code": "401", "message": "Access denied"}}),
+                                          channel), UpstreamKeyRejected)

@@ -7,7 +7,12 @@ from typing import Any
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
+from channels.adapters import get_adapter
+from channels.adapters.base import Poll
 from channels.adapters.comfyui import ComfyUIAdapter
+from openopen8.core.errors import UpstreamError
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import answer, request, target
 from tests.base import ApiTestCase
 from tests.factories import image_bytes, make_channel, mask_png, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
@@ -105,3 +110,35 @@ class ComfyUIAdapterTests(ApiTestCase):
         for bad in bad_configs:
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 ComfyUIAdapter.parse_config(bad)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+GRAPH = {"3": {"class_type": "KSampler", "inputs": {"text": "{{prompt}}", "width": "{{width}}",
+                                                   "height": "{{height}}"}}}
+
+
+def test_it_queues_the_workflow_with_the_prompt_and_size_filled_in() -> None:
+    upstream = get_adapter("comfyui").build_request(request(model="sdxl", size="512x768"),
+                                                    target("comfyui", base_url="http://comfy:8188",
+                                                           config={"workflow": GRAPH}))
+    assert upstream.url == "http://comfy:8188/prompt"
+    assert upstream.json is not None
+    assert upstream.json["prompt"]["3"]["inputs"] == {"text": "a red fox", "width": 512, "height": 768}
+
+
+def test_a_queued_prompt_is_polled_in_the_history_until_its_images_are_there() -> None:
+    adapter, req = get_adapter("comfyui"), request(model="sdxl")
+    channel = target("comfyui", base_url="http://comfy:8188", config={"workflow": GRAPH})
+    queued = adapter.parse_response(answer(200, {"prompt_id": "p1", "node_errors": {}}), req, channel)
+    assert isinstance(queued, Poll) and queued.request.url == "http://comfy:8188/history/p1"
+    history = {"p1": {"status": {"status_str": "success", "completed": True},
+                      "outputs": {"9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}}
+    done = adapter.parse_response(answer(200, history, url="http://comfy:8188/history/p1"), req, channel)
+    assert isinstance(done, ImagesResponse)
+    assert [d.url for d in done.data] == ["http://comfy:8188/view?filename=a.png&subfolder=&type=output"]
+    try:
+        adapter.parse_response(answer(200, {"p1": {"status": {"status_str": "error"}}}), req, channel)
+    except UpstreamError as error:
+        assert error.channel_fault
+    else:
+        raise AssertionError("a failed workflow was not the channel's fault")

@@ -4,7 +4,12 @@ from typing import Any
 
 from django.test import override_settings
 
+from channels.adapters import get_adapter
+from channels.adapters.base import Poll
 from gateway.models import ApiToken, UsageLog
+from openopen8.core.errors import ContentPolicyViolation, UpstreamKeyRejected
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import answer, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, make_price, make_token, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
@@ -88,3 +93,36 @@ class DashScopeAdapterTests(ApiTestCase):
             assert_openai_error(self.generate({"model": "wan", "prompt": "x"}), 502, "server_error", "upstream_error")
         channel.refresh_from_db()
         self.assertFalse(channel.enabled)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_starts_an_asynchronous_task_with_a_size_scaled_into_range() -> None:
+    upstream = get_adapter("dashscope").build_request(request(model="wan2.2-t2i-flash", size="2048x1024", n=2),
+                                                      target("dashscope", base_url="https://dashscope.example/api/v1"))
+    assert upstream.url == "https://dashscope.example/api/v1/services/aigc/text2image/image-synthesis"
+    assert upstream.headers["X-DashScope-Async"] == "enable"
+    assert upstream.json is not None
+    assert upstream.json["parameters"] == {"n": 2, "size": "1440*720"}
+
+
+def test_a_running_task_is_polled_and_a_finished_one_read() -> None:
+    adapter, req, channel = get_adapter("dashscope"), request(model="wan2.2-t2i-flash"), target("dashscope")
+    running = adapter.parse_response(answer(200, {"output": {"task_id": "t1", "task_status": "RUNNING"}}), req,
+                                     channel)
+    assert isinstance(running, Poll) and running.request.url == "https://provider.example/v1/tasks/t1"
+    done = adapter.parse_response(answer(200, {"output": {"task_id": "t1", "task_status": "SUCCEEDED",
+                                                          "results": [{"url": "https://oss/1.png"}]}}), req, channel)
+    assert isinstance(done, ImagesResponse) and [d.url for d in done.data] == ["https://oss/1.png"]
+
+
+def test_inspection_failures_are_refusals_and_a_bad_key_the_channels_fault() -> None:
+    adapter, req, channel = get_adapter("dashscope"), request(model="wan2.2-t2i-flash"), target("dashscope")
+    try:
+        adapter.parse_response(answer(200, {"output": {"task_id": "t1", "task_status": "FAILED",
+                                                       "code": "DataInspectionFailed"}}), req, channel)
+    except ContentPolicyViolation:
+        pass
+    else:
+        raise AssertionError("a refused task was not a refusal")
+    assert isinstance(adapter.parse_error(answer(401, {"code": "InvalidApiKey", "message": "bad"}), channel),
+                      UpstreamKeyRejected)

@@ -4,6 +4,10 @@ import base64
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from channels.adapters import get_adapter
+from openopen8.core.errors import ContentPolicyViolation
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import KEY, answer, png_input, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import image_bytes, make_channel, png_b64, png_bytes
 from tests.fake_upstream import FakeUpstream
@@ -76,3 +80,30 @@ class GeminiAdapterTests(ApiTestCase):
             up.respond(400, {"error": {"code": 400, "message": "Invalid aspect ratio.", "status": "INVALID_ARGUMENT"}})
             error = assert_openai_error(self.generate({"model": "nano", "prompt": "x"}), 400, "invalid_request_error")
         self.assertIn("Invalid aspect ratio", error["message"])
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_imagen_is_asked_through_predict_and_gemini_through_generate_content() -> None:
+    adapter, channel = get_adapter("gemini"), target("gemini", base_url="https://gl.example/v1beta")
+    imagen = adapter.build_request(request(model="imagen-4.0-generate-001", n=2, size="1792x1024"), channel)
+    assert imagen.url == "https://gl.example/v1beta/models/imagen-4.0-generate-001:predict"
+    assert imagen.headers == {"x-goog-api-key": KEY}
+    assert imagen.json is not None and imagen.json["parameters"] == {"sampleCount": 2, "aspectRatio": "16:9"}
+    gemini = adapter.build_request(request("edits", model="gemini-2.5-flash-image", images=(png_input(),)), channel)
+    assert gemini.url.endswith("/models/gemini-2.5-flash-image:generateContent")
+    assert gemini.json is not None
+    parts = gemini.json["contents"][0]["parts"]
+    assert parts[0] == {"text": "a red fox"} and parts[1]["inlineData"]["mimeType"] == "image/png"
+
+
+def test_images_are_read_from_candidates_and_a_block_without_images_is_a_refusal() -> None:
+    adapter, req, channel = get_adapter("gemini"), request(model="gemini-2.5-flash-image"), target("gemini")
+    body = {"candidates": [{"content": {"parts": [{"text": "here"}, {"inlineData": {"data": "aGk="}}]}}]}
+    result = adapter.parse_response(answer(200, body), req, channel)
+    assert isinstance(result, ImagesResponse) and [d.b64_json for d in result.data] == ["aGk="]
+    try:
+        adapter.parse_response(answer(200, {"promptFeedback": {"blockReason": "SAFETY"}}), req, channel)
+    except ContentPolicyViolation:
+        pass
+    else:
+        raise AssertionError("a blocked prompt was not a refusal")

@@ -5,6 +5,9 @@ import io
 
 from PIL import Image
 
+from channels.adapters import get_adapter
+from openopen8.core.errors import InvalidRequest
+from tests.adapters import png_input, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel
 
@@ -30,3 +33,23 @@ class PlaceholderAdapterTests(ApiTestCase):
                             "invalid_request_error", param="size")
         assert_openai_error(self.generate({"model": "any", "prompt": "a", "size": "wide"}), 400,
                             "invalid_request_error", param="size")
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_needs_no_provider_and_draws_the_requested_size() -> None:
+    adapter = get_adapter("placeholder")
+    upstream = adapter.build_request(request(model="dall-e-2", size="512x512", n=2), target("placeholder"))
+    assert upstream.json == {"prompt": "a red fox", "n": 2, "width": 512, "height": 512}
+    assert adapter.build_probe(target("placeholder")) is None
+    edit = adapter.build_request(request("edits", model="any", images=(png_input(64, 48),)),
+                                 target("placeholder"))
+    assert edit.json is not None and (edit.json["width"], edit.json["height"]) == (64, 48)
+
+
+def test_it_refuses_sizes_beyond_what_it_draws() -> None:
+    try:
+        get_adapter("placeholder").build_request(request(model="any", size="9000x9000"), target("placeholder"))
+    except InvalidRequest as error:
+        assert error.param == "size"
+    else:
+        raise AssertionError("a huge size was accepted")

@@ -4,6 +4,11 @@ from typing import Any
 
 from django.test import override_settings
 
+from channels.adapters import get_adapter
+from channels.adapters.base import Poll
+from openopen8.core.errors import ContentPolicyViolation
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import KEY, answer, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
@@ -81,3 +86,34 @@ class ReplicateAdapterTests(ApiTestCase):
                     {"size_as": "pixels"}):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 ReplicateAdapter.parse_config(bad)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_maps_the_inputs_and_asks_to_wait() -> None:
+    channel = target("replicate", base_url="https://api.replicate.com/v1",
+                     config={"inputs": {"prompt": "prompt", "n": "num_outputs"}, "size_as": "aspect_ratio"})
+    upstream = get_adapter("replicate").build_request(request(model="black-forest-labs/flux-schnell", n=2,
+                                                              size="1024x1024"), channel)
+    assert upstream.url == "https://api.replicate.com/v1/models/black-forest-labs/flux-schnell/predictions"
+    assert upstream.headers["Authorization"] == f"Bearer {KEY}" and upstream.headers["Prefer"].startswith("wait=")
+    assert upstream.json == {"input": {"prompt": "a red fox", "num_outputs": 2, "aspect_ratio": "1:1"}}
+
+
+def test_a_prediction_in_progress_is_polled_and_a_finished_one_read() -> None:
+    adapter, req, channel = get_adapter("replicate"), request(model="owner/model"), target("replicate")
+    running = adapter.parse_response(answer(200, {"id": "p1", "status": "processing",
+                                                  "urls": {"get": "https://api.example/p/p1"}}), req, channel)
+    assert isinstance(running, Poll) and running.request.url == "https://api.example/p/p1"
+    done = adapter.parse_response(answer(200, {"id": "p1", "status": "succeeded", "output": ["https://r/1.webp"]}),
+                                  req, channel)
+    assert isinstance(done, ImagesResponse) and [d.url for d in done.data] == ["https://r/1.webp"]
+
+
+def test_a_safety_failure_is_a_refusal() -> None:
+    try:
+        get_adapter("replicate").parse_response(answer(200, {"status": "failed", "error": "NSFW content detected"}),
+                                                request(model="owner/model"), target("replicate"))
+    except ContentPolicyViolation:
+        pass
+    else:
+        raise AssertionError("a flagged prediction was not a refusal")

@@ -8,7 +8,11 @@ from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
+from channels.adapters import get_adapter
 from channels.adapters.sd_webui import SDWebUIAdapter
+from openopen8.core.errors import UpstreamError
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import answer, png_input, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import image_bytes, make_channel, mask_png, png_bytes
 from tests.fake_upstream import FakeUpstream, a1111_answer
@@ -137,3 +141,33 @@ class SDWebUIEditTests(ApiTestCase):
         self.assertEqual((body["prompt"], body["batch_size"], body["width"]), ("", 2, 96))
         self.assertNotIn("mask", body)
         self.assertEqual(base64.b64decode(body["init_images"][0]), source)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_calls_txt2img_with_basic_auth_from_the_key_and_the_mapped_checkpoint() -> None:
+    channel = target("sd-webui", base_url="http://webui:7860", api_key="user:secret",
+                     model_map={"sdxl": "sd_xl_base_1.0.safetensors"})
+    upstream = get_adapter("sd-webui").build_request(request(model="sdxl", size="512x768", n=2), channel)
+    assert upstream.url == "http://webui:7860/sdapi/v1/txt2img" and upstream.auth == ("user", "secret")
+    assert upstream.json is not None
+    assert (upstream.json["width"], upstream.json["height"], upstream.json["batch_size"]) == (512, 768, 2)
+    assert upstream.json["override_settings"] == {"sd_model_checkpoint": "sd_xl_base_1.0.safetensors"}
+
+
+def test_an_edit_calls_img2img_at_its_inputs_size() -> None:
+    upstream = get_adapter("sd-webui").build_request(request("edits", model="sdxl", images=(png_input(100, 60),)),
+                                                     target("sd-webui", api_key=""))
+    assert upstream.url.endswith("/sdapi/v1/img2img") and upstream.auth is None
+    assert upstream.json is not None and (upstream.json["width"], upstream.json["height"]) == (96, 64)
+
+
+def test_it_reads_the_images_and_refuses_an_answer_without_them() -> None:
+    adapter, req, channel = get_adapter("sd-webui"), request(model="sdxl"), target("sd-webui")
+    result = adapter.parse_response(answer(200, {"images": ["aGk="]}), req, channel)
+    assert isinstance(result, ImagesResponse) and [d.b64_json for d in result.data] == ["aGk="]
+    try:
+        adapter.parse_response(answer(200, {"detail": "x"}), req, channel)
+    except UpstreamError as error:
+        assert error.channel_fault
+    else:
+        raise AssertionError("an answer without images was accepted")

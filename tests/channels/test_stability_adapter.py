@@ -6,6 +6,10 @@ from typing import Any
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
+from channels.adapters import get_adapter
+from openopen8.core.errors import ContentPolicyViolation, UpstreamKeyRejected
+from openopen8.core.schemas import ImagesResponse
+from tests.adapters import KEY, answer, png_input, request, target
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import image_bytes, make_channel, mask_png, png_b64
 from tests.fake_upstream import FakeUpstream, Recorded
@@ -77,3 +81,34 @@ class StabilityAdapterTests(ApiTestCase):
             make_channel(kind="stability", base_url=limited.url, models="sd", priority=1)
             make_channel(kind="stability", base_url=other.url, models="sd")
             self.assertEqual(self.generate({"model": "sd", "prompt": "x"}).status_code, 200)
+
+
+# Database-free: the adapter's methods on plain values, as the admin and dispatcher hand them over.
+def test_it_posts_a_form_to_the_quality_endpoint_with_the_nearest_aspect_ratio() -> None:
+    upstream = get_adapter("stability").build_request(request(model="sd3", size="1792x1024", quality="hd"),
+                                                      target("stability", base_url="https://api.stability.ai"))
+    assert upstream.url == "https://api.stability.ai/v2beta/stable-image/generate/ultra"
+    assert upstream.headers == {"Authorization": f"Bearer {KEY}", "Accept": "application/json"}
+    assert upstream.form is not None and upstream.form["prompt"] == "a red fox"
+    assert upstream.form["aspect_ratio"] == "16:9"
+
+
+def test_an_edit_goes_to_inpaint_with_the_image_file() -> None:
+    upstream = get_adapter("stability").build_request(request("edits", model="sd3", images=(png_input(),)),
+                                                      target("stability"))
+    assert upstream.url.endswith("/v2beta/stable-image/edit/inpaint")
+    assert [part.field for part in upstream.files] == ["image"]
+
+
+def test_a_filtered_image_is_a_refusal_not_a_blurred_picture() -> None:
+    adapter, req, channel = get_adapter("stability"), request(model="sd3"), target("stability")
+    result = adapter.parse_response(answer(200, {"image": "aGk=", "finish_reason": "SUCCESS"}), req, channel)
+    assert isinstance(result, ImagesResponse) and result.data[0].b64_json == "aGk="
+    try:
+        adapter.parse_response(answer(200, {"image": "aGk=", "finish_reason": "CONTENT_FILTERED"}), req, channel)
+    except ContentPolicyViolation:
+        pass
+    else:
+        raise AssertionError("a filtered image was delivered")
+    assert isinstance(adapter.parse_error(answer(403, {"name": "unauthorized", "errors": ["bad key"]}), channel),
+                      UpstreamKeyRejected)

@@ -1,0 +1,134 @@
+"""The outbound HTTP seam (openopen8/core/http.py, http_pool.py) against real sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from django.conf import settings
+from django.test import override_settings
+
+from openopen8.core import http, http_pool
+from openopen8.core.errors import UpstreamError
+from tests.base import ApiTestCase, eventually
+from tests.factories import openai_images
+from tests.fake_upstream import FakeUpstream
+
+
+class ProviderConnectionTests(ApiTestCase):
+    def test_calls_from_different_threads_reuse_one_warm_provider_connection(self) -> None:
+        # Request threads take turns; with a connection per thread, each turn to a real provider could cost a new
+        # TCP and TLS handshake. The process's pool hands the warm connection to whichever thread calls next.
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            request = http.UpstreamRequest("POST", f"{up.url}/v1/images/generations", json={"prompt": "a"})
+            for _ in range(3):
+                thread = threading.Thread(target=http.send, args=(request,), kwargs={"timeout": 5})
+                thread.start()
+                thread.join()
+        self.assertEqual(len(up.requests), 3)
+        self.assertEqual(len({r.client_port for r in up.requests}), 1, [r.client_port for r in up.requests])
+
+    @override_settings(OPENOPEN8_MAX_UPSTREAM_BYTES=2000)
+    def test_a_connection_left_with_part_of_an_answer_is_not_used_again(self) -> None:
+        # An answer over the cap is abandoned half read; the rest of it must not be taken for the next answer.
+        with FakeUpstream() as up:
+            request = http.UpstreamRequest("POST", f"{up.url}/v1/images/generations", json={"prompt": "a"})
+            up.queue(200, {"data": [{"b64_json": "A" * 500_000}]})
+            up.queue(200, {"created": 2, "data": []})
+            with self.assertRaisesMessage(UpstreamError, "2000-byte cap"):
+                http.send(request, timeout=5)
+            answer = http.send(request, timeout=5)
+        self.assertEqual((answer.status, answer.json()), (200, {"created": 2, "data": []}))
+        self.assertEqual(len({r.client_port for r in up.requests}), 2)
+
+    def test_credentials_in_a_provider_url_are_sent_as_basic_auth(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            url = up.url.replace("http://", "http://webui:p%40ss@") + "/sdapi/v1/txt2img?x=1"
+            http.send(http.UpstreamRequest("POST", url, json={"prompt": "a"}), timeout=5)
+        self.assertEqual(up.requests[0].headers["Authorization"], "Basic " + base64.b64encode(b"webui:p@ss").decode())
+        self.assertEqual(up.requests[0].path, "/sdapi/v1/txt2img?x=1")
+
+    def test_pools_are_kept_for_at_most_max_origins_providers(self) -> None:
+        # A gateway with many channels keeps a bounded number of provider pools; the oldest is closed to make room.
+        first = http_pool.provider_pool("http://127.0.0.1:1")
+        for port in range(2, http_pool.MAX_ORIGINS + 2):
+            http_pool.provider_pool(f"http://127.0.0.1:{port}")
+        self.assertEqual(len(http_pool.pool_origins()), http_pool.MAX_ORIGINS)
+        self.assertNotIn("http://127.0.0.1:1", http_pool.pool_origins())
+        self.assertIsNone(first.pool)  # closed: its idle connections are gone
+
+    def test_a_connection_the_provider_closed_while_idle_is_not_used_again(self) -> None:
+        # A provider closes keep-alive connections it finds idle; the next call must take a new one, not send its
+        # request into the closed one (where it would fail, or be taken for a fault of the provider's).
+        answer = json.dumps(openai_images(1)).encode()
+        served: list[int] = []
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.settimeout(10)
+
+            def provider() -> None:
+                for _ in range(2):
+                    peer, address = server.accept()
+                    with peer:
+                        peer.recv(65536)
+                        peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                        served.append(address[1])
+                        # Closed once answered, without saying so: the connection stays in the gateway's pool.
+
+            thread = threading.Thread(target=provider, daemon=True)
+            thread.start()
+            request = http.UpstreamRequest("POST", f"http://127.0.0.1:{server.getsockname()[1]}/v1/images/generations",
+                                           json={"prompt": "a"})
+            first = http.send(request, timeout=5)
+            eventually(lambda: len(served) == 1)
+            time.sleep(0.05)  # the close reaches the gateway's side of the connection
+            second = http.send(request, timeout=5)
+            thread.join(5)
+        self.assertEqual([first.status, second.status], [200, 200])
+        self.assertEqual(len(set(served)), 2)  # two connections: the closed one was not reused
+
+    def test_checking_a_pooled_connection_gives_no_other_request_of_a_gevent_worker_a_turn(self) -> None:
+        # Under gevent (the production worker) urllib3's own check, a poll that should not wait, still let every
+        # other request of the worker run first: 30-66 ms at the start of each provider call under load
+        # (bench/RESULTS.md). The provider pool's connections check without yielding. Run in a process of its own,
+        # patched by gevent as a worker is.
+        script = """if True:
+            import json, socket
+            from gevent import monkey
+            monkey.patch_all()
+            import django, gevent
+            django.setup()
+            from urllib3.connection import HTTPConnection
+            from openopen8.core import http_pool
+            server = socket.create_server(("127.0.0.1", 0))
+            conn = http_pool.provider_pool(f"http://127.0.0.1:{server.getsockname()[1]}")._new_conn()
+            conn.connect()
+            peer, _ = server.accept()
+            seen = {}
+            checks = (("urllib3", HTTPConnection.is_connected.fget), ("provider pool", type(conn).is_connected.fget))
+            for name, check in checks:
+                ran = []
+                gevent.spawn(ran.append, "another request")
+                seen[name] = {"open": check(conn), "others ran meanwhile": bool(ran)}
+                gevent.sleep(0)
+            peer.close()
+            gevent.sleep(0.05)
+            seen["after the provider closed it"] = type(conn).is_connected.fget(conn)
+            print(json.dumps(seen))
+        """
+        out = subprocess.run([sys.executable, "-c", script], cwd=settings.BASE_DIR, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "openopen8.settings"})
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        self.assertEqual(json.loads(out.stdout), {
+            "urllib3": {"open": True, "others ran meanwhile": True},  # what the check replaces
+            "provider pool": {"open": True, "others ran meanwhile": False},
+            "after the provider closed it": False,
+        })
