@@ -3,14 +3,13 @@
 Image providers take 10-60 s per request, and a request spends nearly all of that waiting on the network, so a worker
 must hold many requests at once. Each knob can be set from the environment.
 
-The worker model was chosen by measurement (bench/RESULTS.md): gevent workers, where each request is a greenlet and
-waiting on a provider, PostgreSQL or Redis yields to the others. Against threaded workers (gthread, 256 threads),
-alternating the two on one machine, gevent served 33-60 % more requests a second both at 32 connections and with 500
-clients on a 1 s provider, used 20-34 % less CPU a request (no GIL hand-offs between hundreds of threads), and held an
-edit in flight in less memory. The code is the same synchronous Django: gunicorn's gevent worker patches the
-standard library before the app is loaded, and psycopg and redis-py then wait cooperatively.
-The trade-off: a greenlet that computes (decoding a large upload, say) holds its worker until it is done, where threads
-would take turns. OPENOPEN8_WORKER_CLASS=gthread (with OPENOPEN8_THREADS) switches back to threads.
+The worker model was chosen by measurement (bench/RESULTS.md, "Worker model"): gevent workers, where each request is
+a greenlet and waiting on a provider, PostgreSQL or Redis yields to the others, served more requests a second with
+less CPU a request than threads (no GIL hand-offs between hundreds of them). The code is the same synchronous
+Django: gunicorn's gevent worker patches the standard library before the app is loaded, and psycopg and redis-py then
+wait cooperatively. The trade-off: a greenlet that computes (decoding a large upload, say) holds its worker until it
+is done, where threads would take turns. OPENOPEN8_WORKER_CLASS=gthread (with OPENOPEN8_THREADS) switches back to
+threads.
 """
 
 from __future__ import annotations
@@ -73,8 +72,8 @@ def on_starting(server: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     # glibc gives each thread that allocates its own arena; with hundreds of threads (gthread) moving multi-megabyte
-    # images that fragments memory badly. Two arenas per worker: measured in bench/, an edit in flight went from about
-    # 30 MB of RSS to about 7 MB, and throughput did not drop. (Also mapping large blocks directly cost 60 % of it.)
+    # images that fragments memory badly. Two arenas per worker hold it down at no cost in throughput
+    # (bench/RESULTS.md).
     try:
         ctypes.CDLL("libc.so.6").mallopt(-8, malloc_arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
@@ -85,11 +84,9 @@ def post_worker_init(worker: Any) -> None:
     from openopen8 import runtime
 
     runtime.start()
-    # Python's cyclic garbage collector, with its defaults, ran every 700 new objects and rescanned the ~100,000 that
-    # loading Django made, which live as long as the worker. Measured with 500 clients on a 1 s provider, a worker spent
-    # 0.9-1.3 s of a 15 s run collecting (about a tenth of its CPU), with full collections of up to 250 ms holding all
-    # its requests; at 32 connections, 0.33-0.38 s of 10 s. Freezing what is loaded by now and collecting every 5,000
-    # objects: 0.48-0.55 s and 0.11-0.13 s, no full collection in either run (bench/RESULTS.md).
+    # With its defaults Python's cyclic collector rescans the objects loading Django made, which live as long as the
+    # worker, every 700 new objects, with full collections that hold every request: freeze them, and collect every
+    # 5,000 (bench/RESULTS.md).
     gc.freeze()
     gc.set_threshold(gc_threshold, 10, 10)
 

@@ -8,8 +8,11 @@ import time
 from django.db import transaction
 from django.utils import timezone
 
+from channels import adapters
 from channels.adapters.base import ChannelTarget
 from channels.models import Channel, key_fingerprint
+from openopen8.core.errors import GatewayError, mask_secrets
+from openopen8.core.rules import check_request, rule_for
 
 # When this process last wrote each channel's last-used columns: a busy channel is written once a second, not on
 # every request (the row would be a lock every request waits on).
@@ -54,8 +57,6 @@ TEST_PROMPT = "A small red circle on a white background."
 
 
 def _smallest_size(model: str) -> str | None:
-    from openopen8.core.rules import rule_for
-
     rule = rule_for(model)
     sizes = [s for s in (rule or {}).get("sizes", []) if "x" in s]
     return min(sizes, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1])) if sizes else None
@@ -64,10 +65,6 @@ def _smallest_size(model: str) -> str | None:
 def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
     """Probe a channel, each of its keys in turn: a cheap request (the provider's model list, no image), or with
     ``real`` one smallest-size image. Records the result and latency on the channel; returns (ok, message)."""
-    from channels import adapters
-    from openopen8.core.errors import GatewayError, mask_secrets
-    from openopen8.core.rules import check_request
-
     started = time.monotonic()
     adapter, results, ok = adapters.get_adapter(channel.kind), [], True
     keys = channel.keys() or [""]

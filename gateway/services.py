@@ -9,7 +9,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from django.conf import settings
-from django.utils import timezone
 
 from channels.adapters import ChannelTarget
 from gateway import dispatch
@@ -20,7 +19,7 @@ from gateway.routing import images_route, lease_ttl
 from gateway.selectors import channel_targets_for, price_for
 from gateway.state import LeaseAsk, Window, admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import Attempt, usage_attempts, usage_describe, usage_fail, usage_new
+from gateway.usage import Attempt, usage_close, usage_describe, usage_fail, usage_inputs, usage_new, usage_succeed
 from gateway.usage_sql import usage_insert, usage_insert_holding
 from gateway.usage_writers import usage_complete
 from openopen8.core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
@@ -60,9 +59,9 @@ def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageL
     if endpoint == "generations":
         return req
     raw = from_multipart(files) if files is not None else from_json(body)
-    log.input_images = raw.count
+    log.input_images = raw.count  # counted before decoding, so a request refused for its files still shows them
     req = attach_inputs(req, raw, stack=stack)
-    log.input_bytes = sum(i.size for i in (*req.images, req.mask, req.markup) if i is not None)
+    usage_inputs(log, req)
     return req
 
 
@@ -104,8 +103,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, bod
             result = images_route(req, targets, circuits=config.circuits_for([t.id for t in targets]),
                                   attempts=attempts, files_url=files_url,
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
-        log.images_returned, log.cost_micros = len(result.data), price * len(result.data)
-        log.status, log.http_status = UsageLog.Status.SUCCESS, 200
+        usage_succeed(log, images=len(result.data), price_micros=price)
         return result.to_dict()
     except GatewayError as error:
         usage_fail(log, error)
@@ -114,14 +112,10 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, bod
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
-        usage_attempts(log, attempts)
-        log.latency_ms = int((time.monotonic() - started) * 1000)
-        log.completed_at = timezone.now()
+        unused = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
         record_request(log)
-        # Give back what the hold covered but was not delivered. A token without a budget holds nothing and is not
-        # written at all: its usage rows are its ledger, so its requests do not queue on its one row.
-        unused = log.reserved_micros - log.cost_micros
-        log.reserved_micros = 0
+        # A token without a budget holds nothing and is not written at all: its usage rows are its ledger, so its
+        # requests do not queue on its one row.
         usage_complete(log, refund=(token.pk, unused) if unused > 0 else None)
 
 

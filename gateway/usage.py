@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 
 from gateway.models import ApiToken, UsageLog
 from openopen8.core.errors import GatewayError
@@ -53,13 +54,29 @@ class Attempt:
                 "code": self.error.code, "message": self.error.message[:500], "latency_ms": self.latency_ms}
 
 
-def usage_attempts(log: UsageLog, attempts: list[Attempt]) -> None:
-    """Record the channels tried: the last one answered (or failed last), and its provider latency if it answered."""
+def usage_inputs(log: UsageLog, req: ImageRequest) -> None:
+    """Record the size of the decoded input images."""
+    log.input_bytes = sum(i.size for i in (*req.images, req.mask, req.markup) if i is not None)
+
+
+def usage_succeed(log: UsageLog, *, images: int, price_micros: int) -> None:
+    """The request delivered ``images``: it costs their price, and no more."""
+    log.images_returned, log.cost_micros = images, price_micros * images
+    log.status, log.http_status = UsageLog.Status.SUCCESS, 200
+
+
+def usage_close(log: UsageLog, *, attempts: list[Attempt], latency_ms: int) -> int:
+    """Record the channels tried (the last one answered, or failed last) and the end; return what the budget hold
+    covered but was not delivered, which the completion gives back."""
     log.attempts = [attempt.to_record() for attempt in attempts]
     if attempts:
         last = attempts[-1]
         log.channel_id, log.provider_model, log.provider_latency_ms = (last.channel_id, last.provider_model,
                                                                        last.provider_latency_ms)
+    log.latency_ms, log.completed_at = latency_ms, timezone.now()
+    unused = log.reserved_micros - log.cost_micros
+    log.reserved_micros = 0
+    return unused
 
 
 def usage_fail(log: UsageLog, error: GatewayError) -> None:

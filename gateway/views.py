@@ -48,7 +48,7 @@ def _forget_renderer_context(response: Response) -> None:
 
 class JsonAnswers(DefaultContentNegotiation):
     """Answer JSON whatever the Accept header or a ``?format=`` says, as OpenAI's API does; DRF's negotiation refused
-    ``Accept: text/html`` with 406 and ``?format=xml`` with 404, and cost 3 % of a generation's instructions."""
+    ``Accept: text/html`` with 406 and ``?format=xml`` with 404, and cost time on every request (bench/RESULTS.md)."""
 
     def select_renderer(self, request: Request, renderers: Iterable[BaseRenderer],
                         format_suffix: str | None = None) -> tuple[BaseRenderer, str]:
@@ -69,8 +69,8 @@ class GatewayApi(APIView):
         response["x-request-id"] = self.request_id
         # DRF leaves the answer in two reference cycles (view -> response, the view being in one with its request;
         # response -> renderer context -> response), so every answer, megabytes of base64 parsed and rendered, lived
-        # until the next cyclic garbage collection: ~90 MB of RSS per worker under big answers (bench/RESULTS.md).
-        # Cutting both edges frees the answer as soon as the server has sent it.
+        # until the next cyclic garbage collection (bench/RESULTS.md). Cutting both edges frees the answer as soon as
+        # the server has sent it.
         del self.response
         if isinstance(response, Response):
             response.add_post_render_callback(_forget_renderer_context)

@@ -1,8 +1,8 @@
 """The console's session, user and messages middleware, skipped for API calls.
 
 A ``/v1/`` call authenticates with its Bearer token and uses no session, no Django user and no messages, yet the three
-middleware built a session store, a lazy user and a message store (with its signer) for every call: 4.6 % of a
-generation's instructions (bench/RESULTS.md). These subclasses keep Django's, and the admin's checks that they are
+middleware built a session store, a lazy user and a message store (with its signer) for every call
+(bench/RESULTS.md). These subclasses keep Django's, and the admin's checks that they are
 installed, for every other path.
 """
 

@@ -1,7 +1,8 @@
-"""What a worker process starts when it has loaded the app and stops before it exits, in one place. gunicorn calls
-``start`` from ``post_worker_init`` and ``stop`` from ``worker_exit``; anything else serving the app (tests,
-``manage.py runserver``) runs without them: requests then read the versions themselves, write their usage rows before
-answering, and leave sweeping to ``manage.py sweep``."""
+"""What a serving process starts once it has loaded the app and stops before it exits, in one place.
+``openopen8/wsgi.py`` calls ``start`` (and gunicorn's ``post_worker_init`` too, for a worker forked from a master that
+preloaded the app); gunicorn's ``worker_exit`` calls ``stop``. A process that serves Django without ``wsgi.py`` (the
+test suite's client and live servers) starts none of it: it reads the versions on every request, writes usage rows
+before answering and leaves sweeping to ``manage.py sweep``."""
 
 from __future__ import annotations
 

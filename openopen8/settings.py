@@ -71,7 +71,7 @@ OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # gunicorn workers on PostgreSQL write a request's completed usage row after its answer has gone out, retrying while
-# the database is away (gateway/usage.py::UsageWriters); off: the answer waits for the row's commit.
+# the database is away (gateway/usage_writers.py); off: the answer waits for the row's commit.
 OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
 # Keep the prompt text in usage logs (off: only its length and a hash are kept).
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
@@ -113,10 +113,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2, "max_size": OPENOPEN8_DB_POOL_SIZE, "timeout": 30}
     # Parameters travel apart from the SQL, and psycopg prepares a statement once a connection has run it 5 times, so
-    # the statements every request sends are not parsed and planned each time: PostgreSQL's CPU for a generation fell
-    # from 0.89-0.95 to 0.65 ms, alternating the two at 32 connections (bench/RESULTS.md). Django leaves preparing off
-    # unless asked, for poolers that cannot carry prepared statements: set OPENOPEN8_DB_PREPARED_STATEMENTS=false
-    # behind PgBouncer in transaction mode older than 1.21.
+    # the statements every request sends are not parsed and planned each time (bench/RESULTS.md). Django leaves
+    # preparing off unless asked, for poolers that cannot carry prepared statements: set
+    # OPENOPEN8_DB_PREPARED_STATEMENTS=false behind PgBouncer in transaction mode older than 1.21.
     DATABASES["default"]["OPTIONS"]["server_side_binding"] = True
     DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
         5 if envbool("OPENOPEN8_DB_PREPARED_STATEMENTS", "true") else None)

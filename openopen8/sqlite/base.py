@@ -9,13 +9,13 @@ slow path.
   ``OPTIONS["pool"]["max_size"]`` are open; beyond that a caller waits up to ``OPTIONS["pool"]["timeout"]`` seconds
   for one to come back).
 - **Waiting for the write lock lets the worker go on.** SQLite's own wait for a lock another process holds sleeps
-  inside the library, 1 ms and more at a time, and under gevent that stops every request of the worker. Connections
+  inside the library, and under gevent that stops every request of the worker. Connections
   here wait in Python instead, in short steps that yield, up to the ``timeout`` option (``WaitingCursor``).
 - **Checkpoints are not a request's job.** Once ``checkpoints_start()`` runs (every gunicorn worker calls it), the
   process's connections no longer checkpoint when a commit grows the WAL; a background thread does it every
   ``CHECKPOINT_EVERY_S``: first copying what it can beside the writers, then holding them off for the little that
   came meanwhile so that the WAL starts again from its beginning. Without that second step a WAL under steady load
-  is never reset and grows without bound (bench/RESULTS.md, run 37).
+  is never reset and grows without bound (bench/RESULTS.md).
 
 An in-memory database is never pooled: each connection to one is a database of its own.
 """

@@ -58,6 +58,7 @@ class ProviderConnectionTests(ApiTestCase):
 
     def test_pools_are_kept_for_at_most_max_origins_providers(self) -> None:
         # A gateway with many channels keeps a bounded number of provider pools; the oldest is closed to make room.
+        http_pool.pools_reset()
         first = http_pool.provider_pool("http://127.0.0.1:1")
         for port in range(2, http_pool.MAX_ORIGINS + 2):
             http_pool.provider_pool(f"http://127.0.0.1:{port}")
