@@ -133,3 +133,35 @@ class ProviderConnectionTests(ApiTestCase):
             "provider pool": {"open": True, "others ran meanwhile": False},
             "after the provider closed it": False,
         })
+
+    def test_a_threaded_worker_never_loads_gevent(self) -> None:
+        # gevent is dead weight in a gthread worker: only OPENOPEN8_WORKER_CLASS=gevent brings it in, for the check a
+        # pooled provider connection gets before it is used again.
+        script = """if True:
+            import sys, threading
+            from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+            import django
+            django.setup()
+            from openopen8.core import http
+
+            class Answer(BaseHTTPRequestHandler):
+                protocol_version = "HTTP/1.1"
+                def do_GET(self):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                def log_message(self, *args):
+                    pass
+
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_address[1]}/v1/models"
+            statuses = [http.send(http.UpstreamRequest("GET", url), timeout=5).status for _ in range(2)]
+            print(statuses, "gevent" in sys.modules)
+        """
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "openopen8.settings"}
+        for worker_class, loaded in (("gthread", False), ("gevent", True)):
+            out = subprocess.run([sys.executable, "-c", script], cwd=settings.BASE_DIR, capture_output=True,
+                                 text=True, timeout=60, env={**env, "OPENOPEN8_WORKER_CLASS": worker_class})
+            self.assertEqual(out.stdout.strip(), f"[200, 200] {loaded}", out.stderr[-2000:])
