@@ -90,7 +90,8 @@ def _record(target: ChannelTarget, req: ImageRequest, started: float, *, provide
     """The attempt, its outcome also written on the channel."""
     latency_ms = int((time.monotonic() - started) * 1000)
     channel_attempt_record(target.id, latency_ms=latency_ms, error=error.message if error is not None else None)
-    return Attempt(target.id, target.name, target.provider_model(req.model), latency_ms, provider_ms, error)
+    failure = (error.status, error.code, error.message[:500]) if error is not None else None
+    return Attempt(target.id, target.name, target.provider_model(req.model), latency_ms, provider_ms, failure)
 
 
 def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,

@@ -37,21 +37,23 @@ def usage_describe(log: UsageLog, req: ImageRequest) -> None:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One channel tried for a request: which, how long it took, and the error if it failed."""
+    """One channel tried for a request: which, how long it took, and how it failed if it did (the error's status,
+    code and message, not the exception, which would keep the failed attempt's frames alive with the row)."""
 
     channel_id: int
     name: str
     provider_model: str
     latency_ms: int
     provider_latency_ms: int | None = None
-    error: GatewayError | None = None
+    failure: tuple[int, str | None, str] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The attempt as the usage row's ``attempts`` list keeps it."""
-        if self.error is None:
+        if self.failure is None:
             return {"channel": self.channel_id, "name": self.name, "outcome": "ok", "latency_ms": self.latency_ms}
-        return {"channel": self.channel_id, "name": self.name, "outcome": "error", "status": self.error.status,
-                "code": self.error.code, "message": self.error.message[:500], "latency_ms": self.latency_ms}
+        status, code, message = self.failure
+        return {"channel": self.channel_id, "name": self.name, "outcome": "error", "status": status, "code": code,
+                "message": message, "latency_ms": self.latency_ms}
 
 
 def usage_inputs(log: UsageLog, req: ImageRequest) -> None:
