@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any
 
 from PIL import Image
@@ -27,8 +28,7 @@ def target(kind: str, *, base_url: str = "https://provider.example/v1", api_key:
 def request(endpoint: str = "generations", *, images: tuple[ImageInput, ...] = (), mask: ImageInput | None = None,
             **fields: Any) -> ImageRequest:
     """A request as the gateway's checks leave it."""
-    checked = check_request({"prompt": "a red fox", **fields}, endpoint=endpoint)
-    return ImageRequest(**{**checked.__dict__, "images": images, "mask": mask})
+    return replace(check_request({"prompt": "a red fox", **fields}, endpoint=endpoint), images=images, mask=mask)
 
 
 def png_input(width: int = 64, height: int = 48, *, alpha: bool = False) -> ImageInput:

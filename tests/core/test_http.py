@@ -98,8 +98,8 @@ class ProviderConnectionTests(ApiTestCase):
 
     def test_checking_a_pooled_connection_gives_no_other_request_of_a_gevent_worker_a_turn(self) -> None:
         # Under gevent (the production worker) urllib3's own check, a poll that should not wait, still let every
-        # other request of the worker run first: 30-66 ms at the start of each provider call under load
-        # (bench/RESULTS.md). The provider pool's connections check without yielding. Run in a process of its own,
+        # other request of the worker run first, at the start of each provider call (bench/RESULTS.md). The provider
+        # pool's connections check without yielding. Run in a process of its own,
         # patched by gevent as a worker is.
         script = """if True:
             import json, socket

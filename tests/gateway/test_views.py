@@ -19,7 +19,7 @@ from tests.fake_upstream import FakeUpstream
 
 class AnswerMemoryTests(ApiTestCase):
     """An answer (megabytes of base64 for a large image) is freed as soon as it is sent. Left in a reference cycle it
-    waited for the cyclic garbage collector, and a worker serving large images grew by ~90 MB of RSS."""
+    waited for the cyclic garbage collector, and a worker serving large images grew (bench/RESULTS.md)."""
 
     def call(self, body: dict[str, Any]) -> tuple[str, list[HttpResponseBase]]:
         environ = RequestFactory().post("/v1/images/generations", json.dumps(body), content_type="application/json",
