@@ -11,7 +11,7 @@ from django.utils import timezone
 from channels import adapters
 from channels.adapters.base import ChannelTarget
 from channels.models import Channel, key_fingerprint
-from openopen8.core.errors import GatewayError, mask_secrets
+from openopen8.core.errors import GatewayError, mask_error, mask_secrets
 from openopen8.core.rules import check_request, rule_for
 
 # When this process last wrote each channel's last-used columns: a busy channel is written once a second, not on
@@ -91,11 +91,11 @@ def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
                     continue
                 resp = adapter.transport(probe, timeout=target.timeout or 30, connect_timeout=target.connect_timeout)
                 if resp.status >= 400:
-                    raise adapter.parse_error(resp, target)
+                    raise mask_error(adapter.parse_error(resp, target), *probe.secrets(), key)
                 results.append(f"{label}: answered in {resp.latency_ms} ms")
         except GatewayError as error:
             ok = False
-            results.append(f"{label}: {mask_secrets(error.message, key)}")
+            results.append(f"{label}: {mask_secrets(error.message, key)}")  # also the error raised here
     message = "; ".join(results)
     latency_ms = int((time.monotonic() - started) * 1000)
     Channel.objects.filter(pk=channel.pk).update(last_test_at=timezone.now(), last_test_ok=ok,

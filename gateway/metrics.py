@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from channels.adapters.base import REFUSAL_CODES
 from gateway.models import UsageLog
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -34,6 +35,14 @@ PROVIDER_ERRORS = Counter("openopen8_provider_errors", "Failed provider attempts
 BUDGET_REFUSALS = Counter("openopen8_budget_refusals", "Requests refused because the key's budget was spent.",
                           registry=_registry)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Provider error codes counted by name; any other code (a provider may put anything there, a key included) counts
+# as "other", which also keeps the label set bounded.
+KNOWN_CODES = frozenset({
+    "upstream_error", "upstream_timeout", "rate_limit_exceeded", "invalid_api_key", "insufficient_quota",
+    "content_policy_violation", "moderation_blocked", "model_not_found", "invalid_value", "invalid_request_error",
+    "billing_hard_limit_reached", "request_too_large", "service_unavailable", "server_error", "unsupported_value",
+    "invalid_image", "image_too_large", "organization_verification_required",
+}) | REFUSAL_CODES
 
 
 def record_request(log: UsageLog) -> None:
@@ -49,7 +58,8 @@ def record_request(log: UsageLog) -> None:
         PROVIDER_SECONDS.labels(final).observe(log.provider_latency_ms / 1000)
     for attempt in log.attempts:
         if attempt["outcome"] == "error":
-            PROVIDER_ERRORS.labels(attempt["name"], attempt.get("code") or "error").inc()
+            code = attempt.get("code") or "error"
+            PROVIDER_ERRORS.labels(attempt["name"], code if code in KNOWN_CODES or code == "error" else "other").inc()
     if log.error_code == "insufficient_quota":
         BUDGET_REFUSALS.inc()
 

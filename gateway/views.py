@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import uuid
 from collections.abc import Iterable
 from functools import cache
@@ -26,7 +27,7 @@ from gateway.metrics import metrics_text
 from gateway.selectors import served_model_names
 from gateway.services import images_create
 from gateway.state import shared_state
-from openopen8.core.errors import MethodNotAllowed, NotFound, RequestTooLarge
+from openopen8.core.errors import AuthenticationError, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
 
 
@@ -161,7 +162,13 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus metrics in the text format."""
+    """Prometheus metrics in the text format; behind OPENOPEN8_METRICS_TOKEN when it is set."""
+    expected = settings.OPENOPEN8_METRICS_TOKEN
+    if expected:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return error_response(AuthenticationError("Incorrect or missing metrics token. Send it as "
+                                                      "Authorization: Bearer <OPENOPEN8_METRICS_TOKEN>."))
     return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 

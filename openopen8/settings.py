@@ -74,6 +74,8 @@ OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # the database is away (gateway/usage_writers.py); off: the answer waits for the row's commit.
 OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
 # Keep the prompt text in usage logs (off: only its length and a hash are kept).
+# A bearer token /metrics asks for; unset, /metrics is open (then keep it off the public network).
+OPENOPEN8_METRICS_TOKEN = envsecret("OPENOPEN8_METRICS_TOKEN", "")
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
 # A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.
 OPENOPEN8_MODEL_RULES_FILE = env("OPENOPEN8_MODEL_RULES_FILE")

@@ -214,3 +214,19 @@ def _png_b64(width: int, height: int) -> str:
     out = io.BytesIO()
     Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
     return base64.b64encode(out.getvalue()).decode()
+
+
+def echo_credentials(status: int) -> Callable[[Recorded], Any]:
+    """A hostile provider's error answer: every credential the request carried (each authenticating header as sent,
+    the token after its scheme, and a Basic header's pair decoded), put back in every field an error has."""
+
+    def answer(rec: Recorded) -> tuple[int, dict[str, Any]]:
+        sent = [v for k, v in rec.headers.items() if k.lower() in ("authorization", "api-key", "x-goog-api-key")]
+        tokens = [v.partition(" ")[2] or v for v in sent]
+        tokens += [base64.b64decode(t).decode() for v, t in zip(sent, tokens, strict=True) if v.startswith("Basic ")]
+        echoed = " | ".join(sent + tokens)
+        return status, {"error": {"message": f"You sent {echoed}", "param": tokens[0] if tokens else "",
+                                  "code": tokens[-1] if tokens else "", "type": echoed, "status": echoed},
+                        "detail": f"Not authorised: {echoed}", "message": echoed}
+
+    return answer

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from django.utils.module_loading import import_string
 
 from channels.adapters.base import Adapter, ChannelTarget
-from openopen8.core.errors import GatewayError, UpstreamTimeout, mask_secrets
+from openopen8.core.errors import GatewayError, UpstreamTimeout, mask_error
 from openopen8.core.http_pool import MAX_PARALLEL_CALLS
 from openopen8.core.schemas import ImageRequest, ImagesResponse
 
@@ -52,10 +52,10 @@ def _one_call(adapter: Adapter, target: ChannelTarget, req: ImageRequest, *,
         resp = adapter.transport(upstream, timeout=left, connect_timeout=target.connect_timeout)
         latency += resp.latency_ms
         if resp.status >= 400:
-            error = adapter.parse_error(resp, target)
-            # Provider messages reach clients and logs: never with our key or the provider's address in them.
-            error.message = mask_secrets(error.message, target.api_key, urlsplit(target.base_url).netloc)
-            raise error
+            # Provider errors reach clients, usage rows and metrics: never with our key, in any form it was sent in,
+            # or the provider's address in them.
+            raise mask_error(adapter.parse_error(resp, target), *upstream.secrets(), target.api_key,
+                             urlsplit(target.base_url).netloc)
         result = adapter.parse_response(resp, req, target)
         if isinstance(result, ImagesResponse):
             return result, latency

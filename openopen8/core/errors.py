@@ -10,8 +10,10 @@ In app code, just raise a ``GatewayError`` subclass::
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
+from urllib.parse import quote
 
 
 class GatewayError(Exception):
@@ -144,11 +146,54 @@ SECRET_PATTERNS = [
 ]
 
 
-def mask_secrets(text: str, *secrets: str) -> str:
-    """Remove the given secrets, key-shaped tokens and URL credentials from a provider's message."""
+def secret_forms(*secrets: str) -> set[str]:
+    """Every form in which a secret the gateway sent may come back from a provider: as is, the password of a
+    ``user:password`` pair, the token after an auth scheme, base64 (how HTTP Basic sends a pair; standard, URL-safe,
+    unpadded), the pair a Basic header's base64 decodes to, and percent-encoded."""
+    plain: set[str] = set()
     for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+        if not secret:
+            continue
+        plain.add(secret)
+        scheme, _, token = secret.partition(" ")
+        if token and scheme.lower() in ("bearer", "basic", "token"):
+            plain.add(token)
+            if scheme.lower() == "basic":
+                try:
+                    plain.add(base64.b64decode(token, validate=True).decode())
+                except ValueError:
+                    pass
+    plain.update([p.split(":", 1)[1] for p in plain if ":" in p])  # the password of a pair; the user name is no secret
+    forms = set(plain)
+    for value in plain:
+        raw = value.encode()
+        for encoded in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+            forms.update((encoded, encoded.rstrip("=")))
+        forms.add(quote(value, safe=""))
+    return {form for form in forms if len(form) >= 4}
+
+
+def mask_secrets(text: str, *secrets: str) -> str:
+    """Remove the given secrets (in every form ``secret_forms`` knows), key-shaped tokens and URL credentials from a
+    provider's text."""
+    for form in sorted(secret_forms(*secrets), key=len, reverse=True):
+        text = text.replace(form, "***")
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(lambda m: (m.group(1) if m.lastindex else "") + "***", text)
     return text
+
+
+SAFE_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+SAFE_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]\-]{0,63}")
+
+
+def mask_error(error: GatewayError, *secrets: str) -> GatewayError:
+    """Mask a provider-made error before it reaches a client, a usage row, a log or a metric: the message of the
+    secrets, and a ``code`` or ``param`` that is not a plain identifier (or that held a secret) is dropped."""
+    error.message = mask_secrets(error.message, *secrets)
+    for name, shape in (("code", SAFE_CODE), ("param", SAFE_PARAM)):
+        value = getattr(error, name)
+        if value is not None and (not isinstance(value, str) or not shape.fullmatch(value)
+                                  or mask_secrets(value, *secrets) != value):
+            setattr(error, name, None)
+    return error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -28,6 +29,9 @@ from openopen8.core.schemas import JSONDict
 __all__ = ["UploadPart", "UpstreamRequest", "UpstreamResponse", "fetch", "send"]
 
 
+CREDENTIAL_HEADER = re.compile(r"(?i)auth|key|token|secret|signature")
+
+
 @dataclass(frozen=True)
 class UpstreamRequest:
     """A provider request: a JSON body, or a multipart body of ``form`` fields and ``files``."""
@@ -39,6 +43,13 @@ class UpstreamRequest:
     auth: tuple[str, str] | None = None
     form: dict[str, str] | None = None
     files: tuple[UploadPart, ...] = ()
+
+    def secrets(self) -> list[str]:
+        """The credentials this request carries (its auth pair, and headers that authenticate), which a provider's
+        answer must never pass on."""
+        found = [f"{self.auth[0]}:{self.auth[1]}"] if self.auth else []
+        found += [value for name, value in self.headers.items() if CREDENTIAL_HEADER.search(name)]
+        return found
 
 
 @dataclass(frozen=True)
