@@ -12,6 +12,7 @@ from django.db import models
 
 from channels.adapters import ADAPTERS, get_adapter
 from channels.adapters.base import ChannelTarget
+from openopen8.core.crypto import EncryptedTextField
 
 ENDPOINTS = ("generations", "edits", "variations")
 ALL_ENDPOINTS = ",".join(ENDPOINTS)
@@ -48,7 +49,7 @@ class Channel(models.Model):
     kind = models.CharField("type", max_length=32)
     base_url = models.CharField("base URL", max_length=500, blank=True,
                                 help_text="For OpenAI-compatible providers, the URL ending in /v1.")
-    api_key = models.TextField("API keys", blank=True,
+    api_key = EncryptedTextField("API keys", blank=True,
                                help_text="One per line; used in turn. For sd-webui with --api-auth, user:password.")
     disabled_keys = models.JSONField(default=dict, blank=True,
                                      help_text="Keys the provider rejected, by fingerprint, with the reason.")

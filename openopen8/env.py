@@ -63,11 +63,14 @@ def envsecret(name: str, default: str) -> str:
 
 def data_dir() -> Path:
     """OPENOPEN8_DATA_DIR (default: ``data`` in the checkout; a relative path is taken from the checkout), created if
-    missing. Raises ``ImproperlyConfigured`` when it cannot be created or written to."""
+    missing and kept from other users (it holds the database). Raises ``ImproperlyConfigured`` when it cannot be
+    created or written to."""
     raw = env("OPENOPEN8_DATA_DIR") or "data"
     path = (BASE_DIR / raw).resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
         with tempfile.TemporaryFile(dir=path):  # root ignores permission bits: only a real write tells
             pass
     except OSError as e:

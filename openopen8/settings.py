@@ -31,6 +31,8 @@ if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
         "OPENOPEN8_SECRET_KEY is not set: with OPENOPEN8_DEBUG off the development key would make every "
         "API token hash forgeable. Set OPENOPEN8_SECRET_KEY (or OPENOPEN8_SECRET_KEY_FILE) to a long random value."
     )
+# Provider keys are stored encrypted with these (comma-separated, newest first), else a key derived from SECRET_KEY.
+OPENOPEN8_ENCRYPTION_KEYS = [k.strip() for k in envsecret("OPENOPEN8_ENCRYPTION_KEY", "").split(",") if k.strip()]
 ALLOWED_HOSTS = [h.strip() for h in env("OPENOPEN8_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
 
 DATA_DIR = data_dir()

@@ -149,6 +149,15 @@ def pool_for(path: str, options: dict[str, Any]) -> ConnectionPool:
 _background_checkpoints = False
 
 
+def _owner_only(database: Any) -> None:
+    """Keep the database file from other users (its WAL and shared-memory files take its mode)."""
+    try:
+        if isinstance(database, (str, os.PathLike)) and os.stat(database).st_mode & 0o077:
+            os.chmod(database, 0o600)
+    except OSError:  # an in-memory database, or a file this user does not own
+        pass
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -178,7 +187,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def get_new_connection(self, conn_params: dict[str, Any]) -> sqlite3.Connection:
         pool = self.pool
         if pool is None:
-            return super().get_new_connection(conn_params)  # type: ignore[no-any-return]
+            conn = super().get_new_connection(conn_params)
+            _owner_only(conn_params.get("database"))
+            return conn  # type: ignore[no-any-return]
         conn = pool.take(lambda: self._open(conn_params))
         # A greenlet or thread that ends without closing its connection must not keep a place in the pool forever.
         self._lost, self._taken_from = weakref.finalize(self, pool.forfeit), pool
@@ -186,6 +197,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
 
     def _open(self, conn_params: dict[str, Any]) -> sqlite3.Connection:
         conn: sqlite3.Connection = super().get_new_connection(conn_params)
+        _owner_only(conn_params.get("database"))
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         if _background_checkpoints:
             conn.execute("PRAGMA wal_autocheckpoint = 0")

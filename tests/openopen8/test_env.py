@@ -87,3 +87,12 @@ def test_gunicorn_refuses_a_bad_number_by_name(tmp_path: Path) -> None:
         refused = gunicorn_config(tmp_path, OPENOPEN8_DATA_DIR=str(tmp_path), **{name: "two"})
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
         assert refused.stderr.strip() == f"Error: {name} must be a number, not 'two'"
+
+
+def test_the_data_directory_and_the_sqlite_file_it_creates_are_the_owners_alone(tmp_path: Path) -> None:
+    data = tmp_path / "fresh" / "data"
+    code = "import django; django.setup(); from django.db import connection; connection.ensure_connection()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True, capture_output=True,
+                            env=clean_env(DJANGO_SETTINGS_MODULE="openopen8.settings", OPENOPEN8_DATA_DIR=str(data)))
+    assert result.returncode == 0, result.stderr
+    assert (data.stat().st_mode & 0o777, (data / "openopen8.sqlite3").stat().st_mode & 0o777) == (0o700, 0o600)
