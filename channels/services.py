@@ -53,6 +53,24 @@ def channel_key_reject(channel_id: int, *, key: str, reason: str) -> ChannelTarg
     return channel.to_target() if channel.enabled else None
 
 
+def channel_key_works(target: ChannelTarget) -> bool | None:
+    """Whether the provider takes the target's key, asked with the adapter's cheap probe (no image made): ``False``
+    when the probe is refused with 401/403 too, ``True`` when it is answered, ``None`` when there is no probe or
+    it could not tell (the provider down, a timeout)."""
+    adapter = adapters.get_adapter(target.kind)
+    probe = adapter.build_probe(target)
+    if probe is None:
+        return None
+    try:
+        resp = adapter.transport(probe, timeout=min(target.timeout or 10.0, 10.0),
+                                 connect_timeout=target.connect_timeout)
+    except GatewayError:
+        return None
+    if resp.status in (401, 403):
+        return False
+    return True if resp.status < 400 else None
+
+
 TEST_PROMPT = "A small red circle on a white background."
 
 

@@ -15,7 +15,8 @@ from django.db import connection
 
 from channels import adapters
 from channels.adapters import ChannelTarget
-from channels.services import channel_attempt_record, channel_key_reject
+from channels.models import key_fingerprint
+from channels.services import channel_attempt_record, channel_key_reject, channel_key_works
 from gateway import dispatch
 from gateway.hosting import images_deliver
 from gateway.state import CircuitView, LeaseAsk, SharedState, Window, admitted, shared_state
@@ -26,6 +27,7 @@ from openopen8.core.errors import (
     ServiceUnavailable,
     UpstreamError,
     UpstreamKeyRejected,
+    UpstreamRefused,
     UpstreamTimeout,
 )
 from openopen8.core.schemas import ImageRequest, ImagesResponse
@@ -94,17 +96,32 @@ def _record(target: ChannelTarget, req: ImageRequest, started: float, *, provide
     return Attempt(target.id, target.name, target.provider_model(req.model), latency_ms, provider_ms, failure)
 
 
+def _key_fault(state: SharedState, target: ChannelTarget, error: UpstreamKeyRejected) -> bool:
+    """Whether a 401/403 is the key's fault: its code says so, or a probe of the key is refused too, or (for a
+    provider without a probe) the key was refused more than twice in ten minutes."""
+    if error.names_key:
+        return True
+    works = channel_key_works(target)
+    if works is not None:
+        return not works
+    window = Window(f"keyrefused:{target.id}:{key_fingerprint(target.api_key)}", 1, 2, seconds=600)
+    return state.admit(window=window, lease=None).refused is not None
+
+
 def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
-                   error: GatewayError) -> ChannelTarget | None:
-    """Book a failed attempt against the channel; return the same channel with another key to try, if the fault
-    was a rejected key and the channel has one left."""
+                   error: GatewayError) -> tuple[ChannelTarget | None, GatewayError]:
+    """Book a failed attempt against the channel. Returns the same channel with another key to try, if the fault
+    was a rejected key and the channel has one left; and the error to go on with (a provider's refusal of this
+    request, though the key works, becomes the client's)."""
     if isinstance(error, UpstreamKeyRejected):
-        return channel_key_reject(target.id, key=target.api_key, reason=error.message)
+        if _key_fault(state, target, error):
+            return channel_key_reject(target.id, key=target.api_key, reason=error.message), error
+        return None, UpstreamRefused(f"The provider refused this request: {error.provider_message}")
     if dispatch.counts_against_circuit(error):
         state.circuit_failed(target.id)
     elif not error.channel_fault and view != CLOSED:
         state.circuit_ok(target.id)  # the provider answered sensibly: it works
-    return None
+    return None, error
 
 
 def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: dict[int, CircuitView],
@@ -144,7 +161,7 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
                 result, provider_ms = _attempt(target, req, files_url=files_url, timeout=timeout)
             except GatewayError as error:
                 attempts.append(_record(target, req, started, error=error))
-                retry_with = _after_failure(state, target, view, error)
+                retry_with, error = _after_failure(state, target, view, error)
                 if retry_with is not None:
                     queue.insert(0, retry_with)
                 left = min(len(queue), max_attempts - tried)
@@ -153,7 +170,7 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
                     continue
                 if error.channel_fault:
                     raise _all_failed(req, tried, error) from error
-                raise
+                raise error from None
         if view != CLOSED:
             state.circuit_ok(target.id)
         attempts.append(_record(target, req, started, provider_ms=provider_ms))

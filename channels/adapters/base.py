@@ -123,6 +123,9 @@ class Adapter:
         return classify(resp, message, code=error.get("code"), param=error.get("param"), kind=error.get("type"))
 
 
+# Codes with which a provider says the key itself is bad (revoked, mistyped, its account closed).
+KEY_CODES = {"invalid_api_key", "invalid_authentication", "account_deactivated", "InvalidApiKey", "AuthenticationError",
+             "API_KEY_INVALID", "Unauthenticated"}
 REFUSAL_CODES = {"content_policy_violation", "moderation_blocked", "contentFilter", "content_filter",
                  "ResponsibleAIPolicyViolation", "content_moderation", "DataInspectionFailed", "IPInfringementSuspect"}
 
@@ -137,7 +140,8 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
         return ContentPolicyViolation(message, param=param if isinstance(param, str) and param else None)
     if status in (401, 403):
         return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {status}): {message}",
-                                   channel_fault=True)
+                                   channel_fault=True, names_key=code in KEY_CODES or kind in KEY_CODES,
+                                   provider_message=message)
     if status == 429:
         return RateLimited(f"The provider is rate limiting this channel (HTTP {status}).", channel_fault=True,
                            retry_after=retry_after(resp))

@@ -121,7 +121,22 @@ class UpstreamError(GatewayError):
 
 
 class UpstreamKeyRejected(UpstreamError):
-    """The provider refused the channel's key (401/403): that key is set aside until an operator restores it."""
+    """The provider answered 401/403. ``names_key``: its code says the key itself is bad (set aside at once);
+    otherwise the refusal may be the request's (a model refused to an unverified organisation), and the key is set
+    aside only once a probe of it fails too, or the rejections repeat."""
+
+    def __init__(self, message: str, *, names_key: bool, provider_message: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.names_key = names_key
+        self.provider_message = provider_message
+
+
+class UpstreamRefused(GatewayError):
+    """The provider refused this request (401/403) though the channel's key works: the client's answer."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "upstream_permission_denied"
 
 
 class ServiceUnavailable(GatewayError):
@@ -191,6 +206,8 @@ def mask_error(error: GatewayError, *secrets: str) -> GatewayError:
     """Mask a provider-made error before it reaches a client, a usage row, a log or a metric: the message of the
     secrets, and a ``code`` or ``param`` that is not a plain identifier (or that held a secret) is dropped."""
     error.message = mask_secrets(error.message, *secrets)
+    if isinstance(error, UpstreamKeyRejected):
+        error.provider_message = mask_secrets(error.provider_message, *secrets)
     for name, shape in (("code", SAFE_CODE), ("param", SAFE_PARAM)):
         value = getattr(error, name)
         if value is not None and (not isinstance(value, str) or not shape.fullmatch(value)

@@ -91,7 +91,8 @@ class KeyTests(ApiTestCase):
     def test_a_rejected_key_is_set_aside_while_the_channels_other_key_keeps_serving(self) -> None:
         def provider(request: Recorded) -> Any:
             if request.headers["Authorization"] == "Bearer sk-bad-key-00000001":
-                return 401, {"error": {"message": "Incorrect API key provided: sk-bad-key-00000001"}}
+                return 401, {"error": {"message": "Incorrect API key provided: sk-bad-key-00000001",
+                                       "type": "invalid_request_error", "code": "invalid_api_key"}}
             return OK
 
         with FakeUpstream() as up:
@@ -120,7 +121,48 @@ class KeyTests(ApiTestCase):
         channel.refresh_from_db()
         self.assertFalse(channel.enabled)
         self.assertIn("This key is revoked.", channel.disabled_reason)
-        self.assertEqual(len(rejecting.requests), 1)
+        # No code names the key, so a probe of it (the model list) decided: refused too.
+        self.assertEqual([(r.method, r.path) for r in rejecting.requests], [("POST", "/images/generations"),
+                                                                             ("GET", "/models")])
+
+    def test_a_key_named_bad_by_the_providers_code_is_set_aside_without_a_probe(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(401, {"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}})
+            channel = make_channel(base_url=up.url)
+            r = self.generate({"model": "dall-e-2", "prompt": "a"})
+            assert_openai_error(r, 502, "server_error", "upstream_error")
+        channel.refresh_from_db()
+        self.assertFalse(channel.enabled)
+        self.assertEqual([r.method for r in up.requests], ["POST"])
+
+    def test_a_refusal_of_one_request_by_a_working_key_goes_to_the_client_and_the_key_keeps_serving(self) -> None:
+        # As OpenAI refuses some models to organisations that are not verified: 403, the key fine for the rest.
+        def provider(request: Recorded) -> Any:
+            if request.method == "GET":
+                return 200, {"object": "list", "data": [{"id": "dall-e-2", "object": "model"}]}
+            if request.json()["prompt"] == "refused":
+                return 403, {"error": {"message": "Your organization must be verified to use this model.",
+                                       "type": "invalid_request_error", "code": None}}
+            return OK
+
+        with FakeUpstream() as up:
+            up.respond(200, provider)
+            channel = make_channel(base_url=up.url)
+            refused = self.generate({"model": "dall-e-2", "prompt": "refused"})
+            error = assert_openai_error(refused, 403, "invalid_request_error", "upstream_permission_denied")
+            self.assertIn("must be verified", error["message"])
+            self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}).status_code, 200)
+        channel.refresh_from_db()
+        self.assertEqual((channel.enabled, channel.disabled_keys), (True, {}))
+
+    def test_without_a_probe_a_key_is_set_aside_only_when_refusals_repeat(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(403, {"code": "AccessDenied", "message": "Access denied.", "request_id": "r"})
+            channel = make_channel(kind="dashscope", base_url=up.url, models="wan2.5-t2i-preview")
+            answers = [self.generate({"model": "wan2.5-t2i-preview", "prompt": "a"}).status_code for _ in range(3)]
+        self.assertEqual(answers, [403, 403, 502])
+        channel.refresh_from_db()
+        self.assertFalse(channel.enabled)
 
 
 class LimitTests(ApiTestCase):
