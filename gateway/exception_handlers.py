@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
+from django.views.csrf import csrf_failure as django_csrf_failure
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
@@ -85,6 +86,13 @@ def handler400(request: HttpRequest, exception: Exception | None = None) -> Json
 
 
 def handler403(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return error_response(PermissionDenied("Forbidden.", code="forbidden"))
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponseBase:
+    """Django's CSRF refusal: the console's own page for the admin, OpenAI's JSON anywhere else."""
+    if request.path_info.startswith("/admin/"):
+        return django_csrf_failure(request, reason)
     return error_response(PermissionDenied("Forbidden.", code="forbidden"))
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import Iterable
-from functools import cache
+from collections.abc import Callable, Iterable
+from functools import cache, wraps
 from typing import Any, cast
 
 from django.conf import settings
 from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser, MultiPartParser
@@ -29,6 +30,8 @@ from gateway.services import images_create
 from gateway.state import shared_state
 from openopen8.core.errors import AuthenticationError, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
+
+View = Callable[..., HttpResponseBase]
 
 
 @cache
@@ -126,10 +129,26 @@ class ModelListApi(GatewayApi):
             {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
 
 
+def json_only(*methods: str) -> Callable[[View], View]:
+    """A plain view on the API surface: no CSRF check (nothing there uses a session; Django's check would answer
+    a POST with its HTML page), and any other method than ``methods`` is OpenAI's JSON 405."""
+
+    def wrap(view: View) -> View:
+        @wraps(view)
+        def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if methods and request.method not in methods:
+                return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; "
+                                                       f"use {' or '.join(m for m in methods if m != 'HEAD')}."))
+            return view(request, *args, **kwargs)
+
+        return cast(View, csrf_exempt(checked))
+
+    return wrap
+
+
+@json_only("GET", "HEAD")
 def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     """A hosted image, with its content type, until its URL expires. The unguessable name is the credential."""
-    if request.method not in ("GET", "HEAD"):
-        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for image files; use GET."))
     try:
         file, content_type, seconds_left = image_open(name)
     except NotFound as error:
@@ -142,11 +161,13 @@ def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     return response
 
 
+@json_only("GET", "HEAD")
 def healthz(request: HttpRequest) -> JsonResponse:
     """The process is up."""
     return JsonResponse({"status": "ok"})
 
 
+@json_only("GET", "HEAD")
 def readyz(request: HttpRequest) -> JsonResponse:
     """The process can serve: the database answers, and Redis too when it is configured."""
     checks: dict[str, str] = {}
@@ -161,6 +182,7 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 
 
+@json_only("GET", "HEAD")
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus metrics in the text format; behind OPENOPEN8_METRICS_TOKEN when it is set."""
     expected = settings.OPENOPEN8_METRICS_TOKEN
@@ -172,6 +194,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
+@json_only()
 def unknown_api_path(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Any other /v1/ path: OpenAI's 404 body, in debug mode too."""
     return error_response(NotFound(f"Invalid URL ({request.method} {request.path})"))

@@ -151,6 +151,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+CSRF_FAILURE_VIEW = "gateway.exception_handlers.csrf_failure"
 ROOT_URLCONF = "openopen8.urls"
 WSGI_APPLICATION = "openopen8.wsgi.application"
 TEMPLATES = [

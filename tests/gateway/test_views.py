@@ -10,7 +10,7 @@ from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
 from django.db import close_old_connections
 from django.http import HttpResponseBase
-from django.test import RequestFactory, TestCase, override_settings
+from django.test import Client, RequestFactory, TestCase, override_settings
 
 from tests.base import ApiTestCase
 from tests.factories import make_channel, openai_images
@@ -75,3 +75,20 @@ class HealthTests(TestCase):
         ready = self.client.get("/readyz")
         self.assertEqual(ready.status_code, 503)
         self.assertTrue(ready.json()["checks"]["redis"].startswith("error"))
+
+
+class ApiSurfaceTests(TestCase):
+    def test_every_path_of_the_api_surface_answers_json_for_every_method_even_with_csrf_checks(self) -> None:
+        client = Client(enforce_csrf_checks=True)
+        paths = ["/v1/foo", "/v1/chat/completions", "/v1/images/files/abc.png", "/v1/images/generations",
+                 "/v1/images/edits", "/v1/images/variations", "/v1/models", "/v1/", "/healthz", "/readyz", "/metrics"]
+        for path in paths:
+            for method in ("get", "post", "put", "patch", "delete", "options"):
+                with self.subTest(path=path, method=method):
+                    r = (client.get(path) if method == "get" else
+                         getattr(client, method)(path, data=b"{}", content_type="application/json"))
+                    self.assertTrue(r["Content-Type"].startswith(("application/json", "text/plain")), r["Content-Type"])
+                    if r.status_code >= 400:
+                        self.assertEqual(set(r.json()["error"]), {"message", "type", "param", "code"})
+                    if method != "get" and path in ("/healthz", "/readyz", "/metrics", "/v1/images/files/abc.png"):
+                        self.assertEqual(r.status_code, 405)
