@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
 from django.views.csrf import csrf_failure as django_csrf_failure
 from rest_framework import exceptions as drf
@@ -21,6 +23,7 @@ from openopen8.core.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    RequestTooLarge,
     UnsupportedMediaType,
 )
 
@@ -61,7 +64,17 @@ def from_drf(exc: Exception) -> GatewayError:
         return RateLimited("Rate limit reached; try again later.", retry_after=int(getattr(exc, "wait", None) or 1))
     if isinstance(exc, (Http404, drf.NotFound)):
         return NotFound("Not found.")
+    if isinstance(exc, RequestDataTooBig):
+        return RequestTooLarge(f"The request body is larger than this gateway accepts "
+                               f"({settings.OPENOPEN8_MAX_REQUEST_BYTES} bytes).")
+    if isinstance(exc, TooManyFieldsSent):
+        return InvalidRequest(f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} form fields.")
+    if isinstance(exc, TooManyFilesSent):
+        return InvalidRequest(f"The request has more than {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files.")
     if isinstance(exc, drf.ParseError):
+        if str(exc.detail).startswith("Multipart form parse error"):
+            return InvalidRequest("We could not parse the multipart body of your request; check that it is "
+                                  "multipart/form-data with the boundary its Content-Type names.")
         return InvalidRequest("We could not parse the JSON body of your request. The OpenAI API expects a JSON "
                               "payload; check that it is valid JSON and that Content-Type is application/json.")
     if isinstance(exc, drf.APIException):

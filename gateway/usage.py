@@ -4,7 +4,9 @@ written: ``usage_sql.py`` (the statements) and ``usage_writers.py`` (after the a
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from django.conf import settings
@@ -15,6 +17,11 @@ from openopen8.core.errors import GatewayError
 from openopen8.core.schemas import ImageRequest
 
 
+@cache
+def _prompt_key() -> bytes:
+    return hashlib.sha256(f"openopen8 prompt hash\0{settings.SECRET_KEY}".encode()).digest()
+
+
 def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> UsageLog:
     """An unsaved row with what is known before the request is checked. The prompt is kept as length and hash
     unless the operator turned prompt logging on."""
@@ -23,7 +30,8 @@ def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> 
     prompt = fields.get("prompt")
     if isinstance(prompt, str):
         log.prompt_length = len(prompt)
-        log.prompt_sha256 = hashlib.sha256(prompt.encode()).hexdigest()
+        # Keyed with the secret: a plain hash would let anyone with the table confirm a guessed prompt.
+        log.prompt_sha256 = hmac.new(_prompt_key(), prompt.encode(), hashlib.sha256).hexdigest()
         log.prompt = prompt if settings.OPENOPEN8_LOG_PROMPTS else ""
     model = fields.get("model")
     log.model = model[:100] if isinstance(model, str) else ""

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -25,6 +25,7 @@ from gateway.auth import ApiAccess
 from gateway.exception_handlers import error_response
 from gateway.hosting import image_open
 from gateway.metrics import metrics_text
+from gateway.parsers import StrictJSONParser
 from gateway.selectors import served_model_names
 from gateway.services import images_create
 from gateway.state import shared_state
@@ -111,7 +112,7 @@ class ImageEditApi(ImagesApi):
     """Multipart (``image``/``image[]``, ``mask``) as the SDK sends it, or JSON with ``images: [{"image_url"}]``."""
 
     endpoint = "edits"
-    parser_classes = [JSONParser, MultiPartParser]
+    parser_classes = [StrictJSONParser, MultiPartParser]
 
 
 class ImageVariationApi(ImagesApi):

@@ -62,6 +62,8 @@ OPENOPEN8_MAX_UPLOAD_BYTES = envint("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 
 OPENOPEN8_MAX_IMAGE_PIXELS = envint("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000")
 # Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless
 # this is on: turn it on for a self-hosted provider on a LAN.
+# The longest prompt for a model the rules do not know (a rule's own prompt_max wins).
+OPENOPEN8_DEFAULT_PROMPT_MAX = envint("OPENOPEN8_DEFAULT_PROMPT_MAX", "32000")
 OPENOPEN8_ALLOW_PRIVATE_URLS = envbool("OPENOPEN8_ALLOW_PRIVATE_URLS", "false")
 # Circuit breaker: consecutive channel faults that open a channel's circuit, and the first cool-down in seconds
 # (doubling on each further trip, up to the maximum).
@@ -199,13 +201,14 @@ if OPENOPEN8_S3_BUCKET:
 
 # Uploads larger than this go to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
-DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
+# One request-size limit for JSON and multipart alike: the 413 in GatewayApi.initial, and Django's own check.
+DATA_UPLOAD_MAX_MEMORY_SIZE = OPENOPEN8_MAX_REQUEST_BYTES
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["gateway.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["gateway.auth.HasApiToken"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["gateway.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "gateway.exception_handlers.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }

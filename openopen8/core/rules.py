@@ -138,8 +138,10 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
     input_rule = limits.get(endpoint) if endpoint != "generations" else None
     if endpoint != "generations" and input_rule is None:
         raise _bad(f"Model '{model}' does not support image {endpoint}.", "model", "unsupported_model")
-    if limits["prompt_max"] is not None and len(prompt) > limits["prompt_max"]:
-        raise _bad(f"Invalid 'prompt': string too long. Expected a string with maximum length {limits['prompt_max']} "
+    # A model without a rule still gets a cap: a prompt of megabytes costs memory on its way to any provider.
+    prompt_max = limits["prompt_max"] if limits["prompt_max"] is not None else settings.OPENOPEN8_DEFAULT_PROMPT_MAX
+    if len(prompt) > prompt_max:
+        raise _bad(f"Invalid 'prompt': string too long. Expected a string with maximum length {prompt_max} "
                    f"for {model}, but got a string with length {len(prompt)}.", "prompt", "string_above_max_length")
     body.setdefault("n", 1)
     _check_int(body, "n", 1, limits["n_max"])

@@ -83,3 +83,31 @@ def test_bad_setting_values_are_refused_by_name(tmp_path: Path) -> None:
     for name, value in bad:
         result = settings_process(**{name: value, "OPENOPEN8_DATA_DIR": str(tmp_path)})
         assert result.returncode != 0 and name in result.stderr, (name, result.stderr[-300:])
+
+
+class OversizedInputTests(ApiTestCase):
+    """What Django refuses while reading a body is the client's 4xx, never a 500."""
+
+    def multipart(self, fields: dict[str, str], files: int = 0) -> object:
+        from django.core.files.uploadedfile import SimpleUploadedFile
+
+        data: dict[str, object] = dict(fields)
+        for i in range(files):
+            data[f"image{i}"] = SimpleUploadedFile(f"{i}.png", b"x", content_type="image/png")
+        return self.client.post("/v1/images/edits", data=data, headers={"Authorization": f"Bearer {self.key}"})
+
+    def test_too_many_fields_or_files_are_a_400(self) -> None:
+        many = {f"f{i}": "x" for i in range(1500)} | {"prompt": "a", "model": "dall-e-2"}
+        self.assertIn("form fields", assert_openai_error(self.multipart(many), 400, "invalid_request_error")["message"])
+        r = self.multipart({"prompt": "a", "model": "dall-e-2"}, files=150)
+        self.assertIn("files", assert_openai_error(r, 400, "invalid_request_error")["message"])
+
+    @override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000)
+    def test_text_fields_over_the_size_limit_are_a_413(self) -> None:
+        r = self.multipart({"prompt": "a" * 2000, "model": "dall-e-2"})
+        assert_openai_error(r, 413, "invalid_request_error", "request_too_large")
+
+    def test_a_json_body_of_tens_of_megabytes_within_the_limit_is_checked_like_any_other(self) -> None:
+        make_channel(kind="placeholder", models="dall-e-2")
+        r = self.generate({"model": "dall-e-2", "prompt": "a" * (30 * 1024 * 1024)})
+        assert_openai_error(r, 400, "invalid_request_error", "string_above_max_length", "prompt")

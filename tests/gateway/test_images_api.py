@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -308,6 +309,7 @@ class ImagesApiTests(ApiTestCase):
         self.assertEqual((log.http_status, log.cost_micros, log.reserved_micros), (200, 54000, 0))
         self.assertEqual((log.prompt_length, log.prompt), (9, ""))
         self.assertEqual(len(log.prompt_sha256), 64)
+        self.assertNotEqual(log.prompt_sha256, hashlib.sha256(b"a red fox").hexdigest())  # keyed: not guessable
         self.assertIsNotNone(log.latency_ms)
         self.assertIsNotNone(log.provider_latency_ms)
         self.assertIsNotNone(log.completed_at)
