@@ -91,17 +91,17 @@ def _caused_by(error: BaseException | None, kinds: tuple[type[BaseException], ..
     return False
 
 
-def _broken(error: BaseException, timeout: float) -> GatewayError:
+def _broken(error: BaseException, timeout: float, subject: str) -> GatewayError:
     """The channel fault for a connection that failed or broke, from urllib3's exception (or the OS's)."""
     if not isinstance(error, (ProtocolError, OSError)):
-        return UpstreamError("The provider's answer was cut off or could not be read.", channel_fault=True,
+        return UpstreamError(f"{subject}'s answer was cut off or could not be read.", channel_fault=True,
                              ambiguous=True)
     if _caused_by(error, (NewConnectionError, NameResolutionError)):
-        return UpstreamError("The provider could not be reached.", channel_fault=True)
+        return UpstreamError(f"{subject} could not be reached.", channel_fault=True)
     if _caused_by(error, (TimeoutError,)):
-        return UpstreamTimeout(f"The provider stopped answering for {timeout:g} s.", channel_fault=True,
+        return UpstreamTimeout(f"{subject} stopped answering for {timeout:g} s.", channel_fault=True,
                                ambiguous=True)
-    return UpstreamError("The provider dropped the connection before answering in full.", channel_fault=True,
+    return UpstreamError(f"{subject} dropped the connection before answering in full.", channel_fault=True,
                          ambiguous=True)
 
 
@@ -110,6 +110,7 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
     connect = min(connect_timeout or settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
+    subject = "The image URL's server" if guarded else "The provider"
     started = time.monotonic()
     try:
         resp = open_stream(method, url, timeout=(connect, timeout), guarded=guarded, **kwargs)
@@ -122,21 +123,21 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
             if not complete:  # a connection with part of an answer left on it must not be used again
                 resp.close()
             resp.release_conn()
-    except BlockedAddress as e:
-        raise UpstreamError(f"The image URL points to a private or local address ({e}), which this gateway does "
-                            "not fetch from.", channel_fault=True) from None
+    except BlockedAddress:
+        raise UpstreamError("The image URL points to a private or local address, which this gateway does not "
+                            "fetch from.", channel_fault=True) from None
     except TooManyRedirects:
         raise UpstreamError("The image URL redirects too many times.", channel_fault=True) from None
     except ConnectTimeoutError as e:
         if isinstance(e, NewConnectionError):  # urllib3 files a refused connection under connect timeouts
-            raise UpstreamError("The provider could not be reached.", channel_fault=True) from None
-        raise UpstreamTimeout(f"The provider did not accept a connection within {connect:g} s.",
+            raise UpstreamError(f"{subject} could not be reached.", channel_fault=True) from None
+        raise UpstreamTimeout(f"{subject} did not accept a connection within {connect:g} s.",
                               channel_fault=True) from None
     except ReadTimeoutError:
-        raise UpstreamTimeout(f"The provider did not answer within {timeout:g} s.", channel_fault=True,
+        raise UpstreamTimeout(f"{subject} did not answer within {timeout:g} s.", channel_fault=True,
                               ambiguous=True) from None
     except (HTTPError, OSError) as e:
-        raise _broken(e, timeout) from None
+        raise _broken(e, timeout, subject) from None
     return resp, int((time.monotonic() - started) * 1000)
 
 

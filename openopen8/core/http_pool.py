@@ -24,7 +24,14 @@ from requests.adapters import HTTPAdapter
 from urllib3 import BaseHTTPResponse, Retry, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool, connection_from_url
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, MaxRetryError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 from urllib3.util import make_headers
 
 from openopen8.core.multipart import MultipartBody
@@ -36,25 +43,59 @@ MAX_ORIGINS = 64
 
 
 class BlockedAddress(Exception):
-    """A fetch reached an address the operator has not allowed (private, loopback, link-local, ...)."""
+    """A fetch would reach an address the operator has not allowed (private, loopback, link-local, ...). It names
+    no address: the client must not learn what the gateway's network holds."""
 
 
 class TooManyRedirects(Exception):
     """An image URL redirected more than the session allows."""
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _carried(address: IPAddress) -> list[IPAddress]:
+    """The address and every IPv4 address it carries: IPv4-mapped, 6to4, NAT64, IPv4-compatible and Teredo forms
+    reach the IPv4 address inside them."""
+    found: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        found += [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+        found += list(address.teredo or ())
+        if any(address in net for net in _NAT64) or address in _IPV4_COMPATIBLE:
+            found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def blocked(address: IPAddress) -> bool:
+    """Whether a fetch may not go to this address: private, loopback, link-local, reserved, ..., in any form."""
+    return not settings.OPENOPEN8_ALLOW_PRIVATE_URLS and any(not a.is_global for a in _carried(address))
+
+
+def _check_host(host: str, port: int) -> None:
+    """Refuse before connecting when the name (or literal address) resolves to a blocked address, so a refused
+    private address and a closed private port look the same. A name that does not resolve is left to the connect,
+    which reports it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return
+    if any(blocked(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])) for info in infos):
+        raise BlockedAddress()
+
+
 def _check_peer(sock: socket.socket) -> None:
-    address = ipaddress.ip_address(sock.getpeername()[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    if not address.is_global and not settings.OPENOPEN8_ALLOW_PRIVATE_URLS:
+    # Checked again on the socket actually connected: a name that resolves differently the second time (DNS
+    # rebinding) cannot slip by.
+    if blocked(ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])):
         sock.close()
-        raise BlockedAddress(str(address))
+        raise BlockedAddress()
 
 
 class _GuardedHTTPConnection(HTTPConnection):
-    # The check runs on the socket actually connected, so a name that resolves differently later cannot slip by.
     def _new_conn(self) -> socket.socket:
+        _check_host(self._dns_host, self.port or 80)
         sock = super()._new_conn()
         _check_peer(sock)
         return sock
@@ -62,6 +103,7 @@ class _GuardedHTTPConnection(HTTPConnection):
 
 class _GuardedHTTPSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:
+        _check_host(self._dns_host, self.port or 443)
         sock = super()._new_conn()
         _check_peer(sock)
         return sock
@@ -118,7 +160,8 @@ def _urllib3_error(error: requests.RequestException) -> BaseException:
     if isinstance(error, requests.ReadTimeout):
         return ReadTimeoutError(None, "", str(error))  # type: ignore[arg-type]
     if isinstance(error, requests.ConnectionError):
-        return inner if isinstance(inner, (ProtocolError, OSError)) else ProtocolError(str(error), inner)
+        return inner if isinstance(inner, (ProtocolError, OSError, NewConnectionError)) else ProtocolError(str(error),
+                                                                                                          inner)
     return HTTPError(str(error))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import io
+import ipaddress
 import json
 import os
 import socket
@@ -165,3 +167,41 @@ class ProviderConnectionTests(ApiTestCase):
             out = subprocess.run([sys.executable, "-c", script], cwd=settings.BASE_DIR, capture_output=True,
                                  text=True, timeout=60, env={**env, "OPENOPEN8_WORKER_CLASS": worker_class})
             self.assertEqual(out.stdout.strip(), f"[200, 200] {loaded}", out.stderr[-2000:])
+
+
+class ImageUrlGuardTests(ApiTestCase):
+    """The guard on image URLs (a client's image_url, a provider's result on another host)."""
+
+    def fetch_error(self, url: str) -> str:
+        with self.assertRaises(UpstreamError) as caught:
+            http.fetch(url, timeout=2, max_bytes=1000, into=io.BytesIO())
+        return caught.exception.message
+
+    def test_an_open_and_a_closed_private_port_get_the_same_answer_and_neither_is_connected_to(self) -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        self.addCleanup(listener.close)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        open_answer = self.fetch_error(f"http://127.0.0.1:{listener.getsockname()[1]}/a.png")
+        closed_answer = self.fetch_error(f"http://127.0.0.1:{closed_port}/a.png")
+        name_answer = self.fetch_error(f"http://localhost:{closed_port}/a.png")
+        self.assertEqual({open_answer, closed_answer, name_answer}, {open_answer})
+        self.assertIn("private or local address", open_answer)
+        self.assertNotIn("127.0.0.1", open_answer)
+        with self.assertRaises(BlockingIOError):
+            listener.accept()  # refused before connecting: nobody knocked
+
+    def test_private_addresses_inside_ipv6_forms_are_refused(self) -> None:
+        for host in ("[::ffff:127.0.0.1]", "[64:ff9b::7f00:1]", "[64:ff9b::a00:1]", "[2002:7f00:1::1]",
+                     "[::7f00:1]", "[::1]", "[fd00::1]", "169.254.169.254", "0.0.0.0", "10.1.2.3"):
+            with self.subTest(host):
+                self.assertIn("private or local address", self.fetch_error(f"http://{host}:8080/a.png"))
+
+    def test_a_public_address_in_those_forms_is_not_refused_by_the_guard(self) -> None:
+        for text in ("64:ff9b::808:808", "2002:808:808::1", "8.8.8.8"):
+            self.assertFalse(http_pool.blocked(ipaddress.ip_address(text)))

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,20 @@ class EditsApiTests(UploadsTestCase):
                 r = self.generate_at("/v1/images/edits", body)
         self.assertEqual(r.status_code, 200, r.content)
         self.assertEqual(up.requests[0].form()[1][0].data, source)
+
+    @override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)
+    def test_an_unreachable_client_image_url_is_said_to_be_the_clients_url_not_the_provider(self) -> None:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/in.png"
+        closed.close()
+        with FakeUpstream() as up:
+            make_channel(base_url=up.url, models="gpt-image-1.5")
+            r = self.generate_at("/v1/images/edits", {"model": "gpt-image-1.5", "prompt": "p",
+                                                      "images": [{"image_url": url}]})
+        error = assert_openai_error(r, 400, "invalid_request_error", param="images")
+        self.assertIn("image URL's server could not be reached", error["message"])
+        self.assertNotIn("provider", error["message"])
 
     def generate_at(self, path: str, body: Any) -> Any:
         return post_json(self.client, path, body, self.key)
