@@ -1,4 +1,4 @@
-"""The console's session, user and messages middleware, skipped for API calls.
+"""The console's session, user, messages and login-lockout middleware, skipped for API calls.
 
 A ``/v1/`` call authenticates with its Bearer token and uses no session, no Django user and no messages, yet the three
 middleware built a session store, a lazy user and a message store (with its signer) for every call
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from axes.middleware import AxesMiddleware
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
@@ -38,3 +39,7 @@ class ConsoleAuthenticationMiddleware(_ConsoleOnly, AuthenticationMiddleware):
 
 class ConsoleMessageMiddleware(_ConsoleOnly, MessageMiddleware):
     pass
+
+
+class ConsoleAxesMiddleware(_ConsoleOnly, AxesMiddleware):  # type: ignore[misc]
+    """django-axes' login lockout answer; API calls have no login."""

@@ -7,6 +7,8 @@ process refuses to start on the development secret key.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
@@ -137,6 +139,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "axes",
     "gateway",
     # Not the PyPI "channels" package (Django Channels), which must never be installed beside this app.
     "channels.apps.ChannelsConfig",
@@ -151,7 +154,32 @@ MIDDLEWARE = [
     "openopen8.middleware.ConsoleAuthenticationMiddleware",
     "openopen8.middleware.ConsoleMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "openopen8.middleware.ConsoleAxesMiddleware",  # last, as django-axes asks
 ]
+
+# Console logins: after AXES_FAILURE_LIMIT wrong passwords for one user name from one address, that pair is locked
+# out for the cool-off (by the pair, so an attacker cannot lock an operator out from elsewhere).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = envint("OPENOPEN8_LOGIN_FAILURE_LIMIT", "5")
+AXES_COOLOFF_TIME = timedelta(minutes=envint("OPENOPEN8_LOGIN_COOLOFF_MINUTES", "15"))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+# axes looks for its middleware by name; ConsoleAxesMiddleware is it, skipped for API calls.
+SILENCED_SYSTEM_CHECKS = ["axes.W002"]
+
+# Behind TLS (a terminating proxy that sets X-Forwarded-Proto): secure cookies, HSTS and a redirect to https, all
+# but the probes, which load balancers ask over plain HTTP.
+OPENOPEN8_HTTPS = envbool("OPENOPEN8_HTTPS", "false")
+if OPENOPEN8_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = envint("OPENOPEN8_HSTS_SECONDS", "31536000")
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("OPENOPEN8_HSTS_INCLUDE_SUBDOMAINS", "true")
+    # Preloading is a commitment no setting can take back: the operator submits the domain themselves.
+    SILENCED_SYSTEM_CHECKS += ["security.W021"]
 
 CSRF_FAILURE_VIEW = "gateway.exception_handlers.csrf_failure"
 ROOT_URLCONF = "openopen8.urls"
