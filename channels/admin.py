@@ -33,7 +33,7 @@ class ChannelForm(forms.ModelForm):
         model = Channel
         fields = ["name", "kind", "base_url", "api_key", "served_models", "model_map", "endpoints", "priority",
                   "weight", "enabled", "timeout", "connect_timeout", "safe_to_retry", "images_per_minute",
-                  "max_in_flight", "config"]
+                  "max_in_flight", "end_user", "config"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -75,6 +75,14 @@ class Channel(models.Model):
     images_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
     max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
                                                 help_text="Requests running at once; empty means no limit.")
+    class EndUser(models.TextChoices):
+        CLIENT = "client", "the client's own user / safety_identifier"
+        TOKEN = "token", "a stable hash of the client's API key"
+        NONE = "none", "nothing"
+
+    end_user = models.CharField(
+        "end-user id sent", max_length=8, choices=EndUser.choices, default=EndUser.CLIENT,
+        help_text="What goes to the provider as user / safety_identifier, which it records against your account.")
     config = models.JSONField(default=dict, blank=True, help_text="Settings for this channel type.")
     last_error = models.TextField(blank=True)
     last_error_at = models.DateTimeField(null=True, blank=True)
@@ -155,6 +163,7 @@ class Channel(models.Model):
         return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url,
                              api_key=key, spare_keys=max(len(keys) - 1, 0),
                              connect_timeout=self.connect_timeout, safe_to_retry=self.safe_to_retry,
+                             end_user=self.end_user,
                              images_per_minute=self.images_per_minute, max_in_flight=self.max_in_flight,
                              config=adapter.parse_config(self.config or {}), model_map=self.model_map,
                              timeout=self.timeout, weight=self.weight, priority=self.priority,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import groupby
 
 from channels.adapters import ChannelTarget
 from openopen8.core.errors import GatewayError, RateLimited, UpstreamKeyRejected
+from openopen8.core.schemas import ImageRequest
 
 
 def weighted_order(targets: Sequence[ChannelTarget], rng: random.Random) -> list[ChannelTarget]:
@@ -50,3 +52,18 @@ def counts_against_circuit(error: GatewayError) -> bool:
     """Faults that say the channel is broken: 5xx, timeouts, refused connections, malformed answers. Not the
     provider's rate limits, not a rejected key (handled on its own), not the client's faults."""
     return error.channel_fault and not isinstance(error, (RateLimited, UpstreamKeyRejected))
+
+
+END_USER_FIELDS = ("user", "safety_identifier")
+
+
+def with_end_user(req: ImageRequest, target: ChannelTarget, *, token_id: str) -> ImageRequest:
+    """The request as this channel sends it: the client's end-user fields (the channel's ``client`` setting),
+    ``token_id`` in their place (``token``; as ``user`` when the client sent neither), or neither (``none``)."""
+    if target.end_user == "client":
+        return req
+    fields = {k: v for k, v in req.fields.items() if k not in END_USER_FIELDS}
+    if target.end_user == "token":
+        sent = [k for k in END_USER_FIELDS if k in req.fields] or ["user"]
+        fields.update(dict.fromkeys(sent, token_id))
+    return replace(req, fields=fields)

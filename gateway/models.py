@@ -85,6 +85,12 @@ class ApiToken(models.Model):
         names = split_names(self.allowed_models)
         return not names or model in names
 
+    def end_user_id(self) -> str:
+        """A stable id for this token that providers may record (a channel's ``end_user``: token); it names
+        neither the key nor the token's row."""
+        return "oo8-" + hmac.new(settings.SECRET_KEY.encode(), f"end-user:{self.pk}".encode(),
+                                 hashlib.sha256).hexdigest()[:32]
+
 
 class Price(models.Model):
     """USD per image. An empty size or quality matches any; the most specific row wins."""

@@ -125,14 +125,15 @@ def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
 
 
 def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: dict[int, CircuitView],
-                 attempts: list[Attempt], files_url: str, deadline: float) -> ImagesResponse:
+                 attempts: list[Attempt], files_url: str, deadline: float, end_user_id: str = "") -> ImagesResponse:
     """The client's images from the first channel of ``targets`` that delivers them, skipping those whose circuit
     is open; every channel tried is appended to ``attempts``.
 
     Raises the client's error as soon as a provider blames the request; ``UpstreamError``/``UpstreamTimeout``/
     ``ServiceUnavailable`` when every channel failed; ``RateLimited`` (429) with ``Retry-After`` when the channels
     are at their limits, ``ServiceUnavailable`` (503) with ``Retry-After`` when they are cooling down after faults;
-    ``UpstreamTimeout`` when the deadline (monotonic) passes.
+    ``UpstreamTimeout`` when the deadline (monotonic) passes. ``end_user_id`` is what a channel that sends the
+    token's id as the end user sends.
     """
     state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
     now = time.time()
@@ -158,7 +159,8 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
             tried += 1
             started = time.monotonic()
             try:
-                result, provider_ms = _attempt(target, req, files_url=files_url, timeout=timeout)
+                result, provider_ms = _attempt(target, dispatch.with_end_user(req, target, token_id=end_user_id),
+                                               files_url=files_url, timeout=timeout)
             except GatewayError as error:
                 attempts.append(_record(target, req, started, error=error))
                 retry_with, error = _after_failure(state, target, view, error)

@@ -101,7 +101,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, bod
             price = to_micros(price_for(config, model=req.model, size=req.size, quality=req.quality))
             _write_pending(log, token, hold=price * req.n if token.budget_micros is not None else 0)
             result = images_route(req, targets, circuits=config.circuits_for([t.id for t in targets]),
-                                  attempts=attempts, files_url=files_url,
+                                  attempts=attempts, files_url=files_url, end_user_id=_end_user_id(token, targets),
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         usage_succeed(log, images=len(result.data), price_micros=price)
         return result.to_dict()
@@ -117,6 +117,11 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, bod
         # A token without a budget holds nothing and is not written at all: its usage rows are its ledger, so its
         # requests do not queue on its one row.
         usage_complete(log, refund=(token.pk, unused) if unused > 0 else None)
+
+
+def _end_user_id(token: ApiToken, targets: list[ChannelTarget]) -> str:
+    """The token's id for providers, made only when a channel of this request sends it (it is a keyed hash)."""
+    return token.end_user_id() if any(t.end_user == "token" for t in targets) else ""
 
 
 def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:

@@ -47,6 +47,7 @@ class ChannelTarget:
     safe_to_retry: bool = False
     images_per_minute: int | None = None
     max_in_flight: int | None = None
+    end_user: str = "client"  # what goes to the provider as user / safety_identifier: client, token or none
 
     def provider_model(self, model: str) -> str:
         return self.model_map.get(model, model)

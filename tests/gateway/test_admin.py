@@ -65,7 +65,7 @@ class AdminTests(TestCase):
         form = {"name": "openai-main", "kind": "openai", "base_url": "https://api.example.com/v1",
                 "api_key": SECRET, "served_models": "dall-e-2, dall-e-3", "model_map": "{}",
                 "endpoints": ["generations", "edits"], "priority": 0,
-                "weight": 1, "enabled": "on", "timeout": "", "config": "{}"}
+                "weight": 1, "enabled": "on", "timeout": "", "config": "{}", "end_user": "client"}
         form.update(overrides)
         return form
 

@@ -4,7 +4,7 @@ import random
 from collections import Counter
 
 from channels.adapters.base import ChannelTarget
-from gateway.dispatch import plan_attempts, should_fail_over
+from gateway.dispatch import plan_attempts, should_fail_over, with_end_user
 from openopen8.core.errors import ContentPolicyViolation, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 
 
@@ -46,3 +46,20 @@ def test_channel_faults_fail_over_while_attempts_remain() -> None:
 def test_the_clients_faults_never_fail_over() -> None:
     assert not should_fail_over(ContentPolicyViolation("no"), attempts_left=3)
     assert not should_fail_over(InvalidRequest("bad seed", param="seed"), attempts_left=3)
+
+
+def test_a_channel_sends_the_clients_end_user_the_tokens_id_or_nothing() -> None:
+    from dataclasses import replace
+
+    from openopen8.core.schemas import ImageRequest
+
+    req = ImageRequest(endpoint="generations", model="m", prompt="p", n=1, size=None, quality=None,
+                       response_format="url", fields={"prompt": "p", "user": "alice@example.com"})
+    bare = replace(req, fields={"prompt": "p"})
+    as_client, as_token, as_none = (replace(target(1), end_user=mode) for mode in ("client", "token", "none"))
+    assert with_end_user(req, as_client, token_id="oo8-t").fields == {"prompt": "p", "user": "alice@example.com"}
+    assert with_end_user(req, as_token, token_id="oo8-t").fields == {"prompt": "p", "user": "oo8-t"}
+    assert with_end_user(bare, as_token, token_id="oo8-t").fields == {"prompt": "p", "user": "oo8-t"}
+    safety = replace(req, fields={"prompt": "p", "safety_identifier": "alice"})
+    assert with_end_user(safety, as_token, token_id="oo8-t").fields == {"prompt": "p", "safety_identifier": "oo8-t"}
+    assert with_end_user(req, as_none, token_id="oo8-t").fields == {"prompt": "p"}

@@ -38,6 +38,16 @@ class ImagesApiTests(ApiTestCase):
                                        "watermark": False})
         self.assertEqual(r["x-request-id"], UsageLog.objects.get().request_id)
 
+    def test_a_channel_set_to_send_the_tokens_id_sends_a_stable_hash_instead_of_the_clients_user(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, end_user="token")
+            for _ in range(2):
+                self.generate({"model": "dall-e-2", "prompt": "a", "user": "alice@example.com"})
+        sent = [r.json()["user"] for r in up.requests]
+        self.assertEqual(sent[0], sent[1])
+        self.assertTrue(sent[0].startswith("oo8-") and "alice" not in sent[0] and self.key not in sent[0])
+
     def test_it_maps_the_model_name_for_the_provider(self) -> None:
         with FakeUpstream() as up:
             up.respond(200, openai_images(1))
