@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -19,7 +20,16 @@ from gateway.routing import images_route, lease_ttl
 from gateway.selectors import channel_targets_for, price_for
 from gateway.state import LeaseAsk, Window, admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
-from gateway.usage import Attempt, usage_close, usage_describe, usage_fail, usage_inputs, usage_new, usage_succeed
+from gateway.usage import (
+    Attempt,
+    usage_body,
+    usage_close,
+    usage_describe,
+    usage_fail,
+    usage_inputs,
+    usage_new,
+    usage_succeed,
+)
 from gateway.usage_sql import usage_insert, usage_insert_holding
 from gateway.usage_writers import usage_complete
 from openopen8.core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
@@ -45,6 +55,32 @@ def token_slot(token: ApiToken) -> Iterator[None]:
             raise RateLimited(f"This API key already has {in_flight} request(s) running; wait for one to finish.",
                               retry_after=1)
         yield
+
+
+_uploads: dict[int, int] = {}  # per token, the bodies arriving at this process now
+_uploads_lock = threading.Lock()
+
+
+@contextmanager
+def upload_slot(token: ApiToken) -> Iterator[None]:
+    """Hold one of the token's places for a body arriving at this process. Raises ``RateLimited`` when the token
+    has OPENOPEN8_MAX_UPLOADS_PER_KEY arriving already: slow uploads from one key cannot take every connection
+    a worker has."""
+    limit = settings.OPENOPEN8_MAX_UPLOADS_PER_KEY
+    with _uploads_lock:
+        arriving = _uploads.get(token.pk, 0)
+        if arriving >= limit:
+            raise RateLimited(f"This API key already has {limit} request bodies arriving at once; wait for them "
+                              "to finish.", retry_after=1)
+        _uploads[token.pk] = arriving + 1
+    try:
+        yield
+    finally:
+        with _uploads_lock:
+            if _uploads[token.pk] <= 1:
+                del _uploads[token.pk]
+            else:
+                _uploads[token.pk] -= 1
 
 
 def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageLog, stack: ExitStack) -> ImageRequest:
@@ -81,21 +117,26 @@ def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
     return able
 
 
-def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, body: Any, files: Any = None,
+def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, read: Callable[[], tuple[Any, Any]],
                   request_id: str, files_url: str) -> JSONDict:
     """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
 
-    ``files`` are a multipart request's files; ``None`` for JSON. Raises ``GatewayError``: ``InvalidRequest`` (400)
+    ``read`` reads and parses the body: the fields, and a multipart request's files (``None`` for JSON). It is
+    called once the token's limits have let the request in, so a key over its limits has no body read at all, and
+    only so many of a key's bodies arrive at once. Raises ``GatewayError``: ``InvalidRequest`` (400)
     for a failed check, ``PermissionDenied`` (403) for a model the token may not use, ``ModelNotFound`` (404),
     ``InsufficientQuota`` (429), or the provider's mapped error. Whatever happens, one usage row records it, nothing
     is charged for images that were not delivered, and temporary files are closed.
     """
     started = time.monotonic()
-    log = usage_new(token=token, endpoint=endpoint, request_id=request_id, body=body)
+    log = usage_new(token=token, endpoint=endpoint, request_id=request_id)
     attempts: list[Attempt] = []
     try:
         with ExitStack() as stack:
             stack.enter_context(token_slot(token))
+            with upload_slot(token):
+                body, files = read()
+            usage_body(log, body)
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
             targets = _targets(config, req)
             price = to_micros(price_for(config, model=req.model, size=req.size, quality=req.quality))

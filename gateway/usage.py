@@ -22,10 +22,14 @@ def _prompt_key() -> bytes:
     return hashlib.sha256(f"openopen8 prompt hash\0{settings.SECRET_KEY}".encode()).digest()
 
 
-def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> UsageLog:
-    """An unsaved row with what is known before the request is checked. The prompt is kept as length and hash
-    unless the operator turned prompt logging on."""
-    log = UsageLog(token=token, endpoint=endpoint, request_id=request_id)
+def usage_new(*, token: ApiToken, endpoint: str, request_id: str) -> UsageLog:
+    """An unsaved row with what is known before the body is read."""
+    return UsageLog(token=token, endpoint=endpoint, request_id=request_id)
+
+
+def usage_body(log: UsageLog, body: Any) -> None:
+    """What the body says before it is checked: the model, and the prompt as length and keyed hash unless the
+    operator turned prompt logging on."""
     fields = body if isinstance(body, dict) else {}
     prompt = fields.get("prompt")
     if isinstance(prompt, str):
@@ -35,7 +39,6 @@ def usage_new(*, token: ApiToken, endpoint: str, request_id: str, body: Any) -> 
         log.prompt = prompt if settings.OPENOPEN8_LOG_PROMPTS else ""
     model = fields.get("model")
     log.model = model[:100] if isinstance(model, str) else ""
-    return log
 
 
 def usage_describe(log: UsageLog, req: ImageRequest) -> None:

@@ -94,13 +94,16 @@ class ImagesApi(GatewayApi):
 
     def post(self, request: Request) -> Response:
         access = cast(ApiAccess, request.auth)  # HasApiToken lets no request through without one
-        multipart = request.content_type.startswith("multipart/")
-        body: Any = request.data
-        if multipart:  # text fields only (the last value of a repeated one), typed as JSON would be
-            body = from_form({k: v for k, v in cast(QueryDict, body).items() if k not in request.FILES})
-        result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, body=body,
-                               files=request.FILES if multipart else None, request_id=self.request_id,
-                               files_url=files_url(request))
+
+        def read() -> tuple[Any, Any]:
+            body: Any = request.data
+            if not request.content_type.startswith("multipart/"):
+                return body, None
+            # Text fields only (the last value of a repeated one), typed as JSON would be.
+            return from_form({k: v for k, v in cast(QueryDict, body).items() if k not in request.FILES}), request.FILES
+
+        result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, read=read,
+                               request_id=self.request_id, files_url=files_url(request))
         return Response(result)
 
 

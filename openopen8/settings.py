@@ -60,6 +60,10 @@ OPENOPEN8_MAX_IMAGE_BYTES = envint("OPENOPEN8_MAX_IMAGE_BYTES", str(50 * 1024 * 
 # Uploads: the largest request body, the largest single input image, and the most pixels an image may decode to
 # (a decompression-bomb guard).
 OPENOPEN8_MAX_REQUEST_BYTES = envint("OPENOPEN8_MAX_REQUEST_BYTES", str(128 * 1024 * 1024))
+# Seconds a request body may take to arrive (then 408), and how many bodies one key may have arriving at once per
+# worker (then 429), so that slow uploads from one key cannot hold every connection a worker has.
+OPENOPEN8_BODY_TIMEOUT = envfloat("OPENOPEN8_BODY_TIMEOUT", "60")
+OPENOPEN8_MAX_UPLOADS_PER_KEY = envint("OPENOPEN8_MAX_UPLOADS_PER_KEY", str(max(1, WORKER_REQUESTS // 4)))
 OPENOPEN8_MAX_UPLOAD_BYTES = envint("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 * 1024))
 OPENOPEN8_MAX_IMAGE_PIXELS = envint("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000")
 # Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless

@@ -96,6 +96,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RequestTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"

@@ -12,7 +12,7 @@ from django.test import TransactionTestCase
 from django.utils import timezone
 
 from gateway.models import ApiToken, UsageLog
-from gateway.usage import usage_new
+from gateway.usage import usage_body, usage_new
 from gateway.usage_sql import _INSERT_VALUES, _statements, _values, usage_finish, usage_insert, usage_insert_holding
 from gateway.usage_writers import _write_completions, usage_finish_retrying
 from tests.base import post_json
@@ -55,13 +55,13 @@ class UsageRowTests(TransactionTestCase):
                 self.assertEqual(cursor.fetchone(), ("off",))
             # ...and, as the gateway sends it (on its own, committed at once), it ends with its commit: the next
             # statement on the connection, a completion or a budget hold, waits for the flush as before.
-            usage_insert(usage_new(token=token, endpoint="generations", request_id="req_2", body={}), durable=False)
+            usage_insert(usage_new(token=token, endpoint="generations", request_id="req_2"), durable=False)
             cursor.execute("SELECT current_setting('synchronous_commit')")
             self.assertEqual(cursor.fetchone(), ("on",))
         self.assertEqual(UsageLog.objects.filter(status="pending").count(), 2)
 
     def values(self, token: Any) -> list[Any]:
-        log = usage_new(token=token, endpoint="generations", request_id="req_1", body={})
+        log = usage_new(token=token, endpoint="generations", request_id="req_1")
         return _values(log, _INSERT_VALUES, True, connection)
 
 
@@ -73,7 +73,8 @@ class CompletionRetryTests(TransactionTestCase):
         if connection.vendor != "postgresql":
             raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
         self.token, _key = make_token(budget="1.00")
-        self.log = usage_new(token=self.token, endpoint="generations", request_id="req_retry", body={"prompt": "a"})
+        self.log = usage_new(token=self.token, endpoint="generations", request_id="req_retry")
+        usage_body(self.log, {"prompt": "a"})
         usage_insert_holding(self.log, token_id=self.token.pk, micros=32000)  # two images held
         self.log.status, self.log.http_status, self.log.images_returned = UsageLog.Status.SUCCESS, 200, 1
         self.log.cost_micros, self.log.completed_at = 16000, timezone.now()
@@ -124,7 +125,8 @@ class CompletionBatchTests(TransactionTestCase):
         self.token, _key = make_token(budget="1.00")
 
     def pending(self, request_id: str, *, hold: int = 0) -> UsageLog:
-        log = usage_new(token=self.token, endpoint="generations", request_id=request_id, body={"prompt": "a"})
+        log = usage_new(token=self.token, endpoint="generations", request_id=request_id)
+        usage_body(log, {"prompt": "a"})
         if hold:
             usage_insert_holding(log, token_id=self.token.pk, micros=hold)
         else:
