@@ -1,5 +1,5 @@
 """Input images for edits and variations: collected from multipart parts or JSON image references, and checked by
-decoding them, never by file name or declared type.
+their contents (``image_check``), never by file name or declared type.
 
 Every file here is local and seekable: Django keeps uploads past a small threshold in temporary files, and images
 fetched from URLs or decoded from data URLs go to anonymous temporary files (removed by the OS when closed, even if
@@ -21,6 +21,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from PIL import Image
 
+from gateway.image_check import check_png, off_the_loop
 from openopen8.core import http
 from openopen8.core.errors import GatewayError, InvalidRequest
 from openopen8.core.schemas import ImageInput, ImageRequest, JSONDict
@@ -86,9 +87,11 @@ def _open_ref(ref: Any, *, param: str, max_bytes: int, stack: ExitStack) -> tupl
     return file, url.rsplit("/", 1)[-1][:100] or "image"
 
 
-def inspect(file: IO[bytes], *, filename: str, param: str, formats: list[str], max_bytes: int) -> ImageInput:
-    """Decode an image fully and describe it. Raises ``InvalidRequest`` (with ``param``) for anything that is not a
-    complete, uncorrupted image of an allowed format within the byte and pixel caps."""
+def inspect(file: IO[bytes], *, filename: str, param: str, formats: list[str], max_bytes: int,
+            pixels_left: int) -> ImageInput:
+    """Check an image and describe it. Raises ``InvalidRequest`` (with ``param``) for anything that is not a
+    complete, uncorrupted image of an allowed format within the byte and pixel caps, or that would take the request
+    past ``pixels_left``. Its pixels are not all held at once (``image_check``)."""
     size = file.seek(0, 2)
     if size > max_bytes:
         raise InvalidRequest(f"The {param} must be smaller than {max_bytes / 1024 / 1024:g} MB; got "
@@ -97,7 +100,7 @@ def inspect(file: IO[bytes], *, filename: str, param: str, formats: list[str], m
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
+            with Image.open(file) as image:  # the header only
                 kind = FORMATS.get(image.format or "")
                 if kind not in formats:
                     raise InvalidRequest(f"The {param} must be {' or '.join(f.upper() for f in formats)}; this file "
@@ -106,8 +109,11 @@ def inspect(file: IO[bytes], *, filename: str, param: str, formats: list[str], m
                 if width * height > settings.OPENOPEN8_MAX_IMAGE_PIXELS:
                     raise InvalidRequest(f"The {param} is {width}x{height}, more than the "
                                          f"{settings.OPENOPEN8_MAX_IMAGE_PIXELS}-pixel limit.", param=param)
-                image.load()  # decodes every pixel: a truncated or corrupt file fails here
+                if width * height > pixels_left:
+                    raise InvalidRequest(f"The input images of this request come to more than the "
+                                         f"{settings.OPENOPEN8_MAX_REQUEST_PIXELS}-pixel limit.", param=param)
                 alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            alpha = off_the_loop(_whole, file, kind) or alpha
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -118,6 +124,18 @@ def inspect(file: IO[bytes], *, filename: str, param: str, formats: list[str], m
     file.seek(0)
     return ImageInput(file=file, filename=filename, format=kind, width=width, height=height, size=size,
                       has_alpha=alpha)
+
+
+def _whole(file: IO[bytes], kind: str) -> bool:
+    """Raise unless the image decodes whole; whether a PNG's header or chunks say it has alpha."""
+    if kind == "png":
+        return check_png(file)[2]
+    file.seek(0)
+    with Image.open(file) as image:
+        if kind == "jpeg":  # decoded at an eighth of its size: every block read, a sixty-fourth of the memory
+            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+    return False
 
 
 def attach_inputs(req: ImageRequest, raw: RawInputs, *, stack: ExitStack) -> ImageRequest:
@@ -136,11 +154,18 @@ def attach_inputs(req: ImageRequest, raw: RawInputs, *, stack: ExitStack) -> Ima
     max_bytes = min(rule.get("max_bytes") or settings.OPENOPEN8_MAX_UPLOAD_BYTES, settings.OPENOPEN8_MAX_UPLOAD_BYTES)
     formats = rule.get("formats", ["png", "jpeg", "webp"])
 
+    pixels_left = settings.OPENOPEN8_MAX_REQUEST_PIXELS
+
     def check(item: Any, name: str, allowed: list[str]) -> ImageInput:
+        nonlocal pixels_left
         if isinstance(item, UploadedFile) and item.file is not None:
-            return inspect(item.file, filename=item.name or "image", param=name, formats=allowed, max_bytes=max_bytes)
-        file, filename = _open_ref(item, param=name, max_bytes=max_bytes, stack=stack)
-        return inspect(file, filename=filename, param=name, formats=allowed, max_bytes=max_bytes)
+            file, filename = item.file, item.name or "image"
+        else:
+            file, filename = _open_ref(item, param=name, max_bytes=max_bytes, stack=stack)
+        checked = inspect(file, filename=filename, param=name, formats=allowed, max_bytes=max_bytes,
+                          pixels_left=pixels_left)
+        pixels_left -= checked.width * checked.height
+        return checked
 
     images = tuple(check(item, param, formats) for item in raw.images)
     if rule.get("square") and any(i.width != i.height for i in images):

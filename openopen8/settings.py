@@ -66,6 +66,8 @@ OPENOPEN8_BODY_TIMEOUT = envfloat("OPENOPEN8_BODY_TIMEOUT", "60")
 OPENOPEN8_MAX_UPLOADS_PER_KEY = envint("OPENOPEN8_MAX_UPLOADS_PER_KEY", str(max(1, WORKER_REQUESTS // 4)))
 OPENOPEN8_MAX_UPLOAD_BYTES = envint("OPENOPEN8_MAX_UPLOAD_BYTES", str(50 * 1024 * 1024))
 OPENOPEN8_MAX_IMAGE_PIXELS = envint("OPENOPEN8_MAX_IMAGE_PIXELS", "40000000")
+# The pixels of all of one request's input images together (sixteen 2048x2048 images, say).
+OPENOPEN8_MAX_REQUEST_PIXELS = envint("OPENOPEN8_MAX_REQUEST_PIXELS", "80000000")
 # Image URLs (from clients, or returned by providers) on private, loopback or link-local addresses are refused unless
 # this is on: turn it on for a self-hosted provider on a LAN.
 # The longest prompt for a model the rules do not know (a rule's own prompt_max wins).

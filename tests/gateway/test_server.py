@@ -3,6 +3,7 @@ Redis, where REDIS_URL is set), against a provider over real HTTP."""
 
 from __future__ import annotations
 
+import io
 import tempfile
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import requests
 from django.db import connection, transaction
 from django.test import TransactionTestCase
+from PIL import Image
 
 from gateway.models import ApiToken, UsageLog
 from tests.base import eventually
@@ -201,3 +203,46 @@ class UsageAfterAnswerTests(TransactionTestCase):
                 self.assertIsNone(master.poll())
         self.assertEqual(master.wait(10), 0)
         self.assert_completed()
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+class InputImageTests(TransactionTestCase):
+    def test_edits_of_decompression_bombs_leave_the_workers_memory_and_healthz_alone(self) -> None:
+        # A 6000x6000 PNG of zeros: a few hundred kB that decodes to 144 MB.
+        bomb = io.BytesIO()
+        Image.new("RGBA", (6000, 6000)).save(bomb, "PNG")
+        _token, key = make_token(name="bombs")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, models="gpt-image-1.5")
+            gateway, master = gateway_process(self.addCleanup)
+            worker = int(Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()[0])
+            requests.get(f"{gateway}/healthz", timeout=5)
+            before = peak_rss_kib(worker)
+            health: list[float] = []
+            answers: list[int] = []
+
+            def edit(images: int) -> None:
+                files = [("image[]", (f"{i}.png", bomb.getvalue(), "image/png")) for i in range(images)]
+                answers.append(requests.post(f"{gateway}/v1/images/edits", timeout=120, files=files,
+                                             headers={"Authorization": f"Bearer {key}"},
+                                             data={"model": "gpt-image-1.5", "prompt": "p"}).status_code)
+
+            edits = [threading.Thread(target=edit, args=(n,)) for n in (1, 2, 16, 16)]
+            for t in edits:
+                t.start()
+            while any(t.is_alive() for t in edits):
+                started = time.monotonic()
+                requests.get(f"{gateway}/healthz", timeout=10)
+                health.append(time.monotonic() - started)
+                time.sleep(0.05)
+            for t in edits:
+                t.join()
+        # Two bombs fit the request's pixel limit and go through; sixteen are refused once the first two are checked.
+        self.assertEqual(sorted(answers), [200, 200, 400, 400])
+        self.assertLess(peak_rss_kib(worker) - before, 60 * 1024)  # decoding one whole would add 144 MB
+        self.assertLess(max(health), 2.0)  # generous: bench/RESULTS.md has the measured numbers
