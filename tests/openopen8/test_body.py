@@ -95,3 +95,17 @@ class SlowUploadTests(TransactionTestCase):
         self.assertLess(time.monotonic() - started, 5 + 8)
         for sock in drips:
             sock.close()
+
+    def test_a_keys_in_flight_limit_is_taken_before_its_body_is_read(self) -> None:
+        make_channel(kind="placeholder", models="dall-e-2")
+        _token, key = make_token(name="limited", max_in_flight=2)
+        gateway = start_gateway(self.addCleanup, OPENOPEN8_BODY_TIMEOUT="30")
+        parts = urlsplit(gateway)
+        drips = [drip_upload((parts.hostname or "127.0.0.1", parts.port or 80), key) for _ in range(3)]
+        for sock in drips:
+            self.addCleanup(sock.close)
+        time.sleep(1)
+        early = [answer(sock, within=2) if select.select([sock], [], [], 0)[0] else None for sock in drips]
+        refused = [a for a in early if a is not None]
+        self.assertEqual([status for status, _ in refused], [429])  # the third, its body never read
+        self.assertIn("2 request(s) running", str(refused[0][1]))
