@@ -66,10 +66,10 @@ def channel_slot(state: SharedState, target: ChannelTarget, images: int) -> Iter
         yield None if refused is None else admission.wait if refused == "window" else 1.0
 
 
-def _release_database() -> None:
-    """Give the database connection back to the pool while waiting on a provider (seconds to a minute), so requests
-    in flight do not each hold one. Not inside a transaction, and only where a pool is there to take it back
-    (PostgreSQL's, or the SQLite backend's)."""
+def release_database() -> None:
+    """Give the database connection back to the pool while waiting on a provider (seconds to a minute) or on a
+    client's body, so requests in flight do not each hold one. Not inside a transaction, and only where a pool is
+    there to take it back (PostgreSQL's, or the SQLite backend's)."""
     if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
         connection.close()
 
@@ -77,7 +77,7 @@ def _release_database() -> None:
 def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
              timeout: float) -> tuple[ImagesResponse, int]:
     """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
-    _release_database()
+    release_database()
     result, provider_ms = adapters.call(target, req, timeout=timeout)
     if not result.data:
         raise UpstreamError("The provider returned no images.", channel_fault=True)

@@ -16,7 +16,7 @@ from gateway import dispatch
 from gateway.cache import ConfigSnapshot
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
-from gateway.routing import images_route, lease_ttl
+from gateway.routing import images_route, lease_ttl, release_database
 from gateway.selectors import channel_targets_for, price_for
 from gateway.state import LeaseAsk, Window, admitted, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
@@ -135,6 +135,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
         with ExitStack() as stack:
             stack.enter_context(token_slot(token))
             with upload_slot(token):
+                release_database()  # a body may take its time to arrive: it must not hold a pooled connection
                 body, files = read()
             usage_body(log, body)
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)

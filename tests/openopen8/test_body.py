@@ -46,7 +46,8 @@ def answer(sock: socket.socket, within: float) -> tuple[int, dict[str, object]] 
 
 class SlowUploadTests(TransactionTestCase):
     def test_on_gevent_one_keys_slow_uploads_are_capped_and_cut_off_while_others_and_healthz_answer(self) -> None:
-        self.check_slow_uploads(OPENOPEN8_WORKER_CONNECTIONS="10")
+        # Two pooled database connections for three bodies held: a body arriving must not hold one.
+        self.check_slow_uploads(OPENOPEN8_WORKER_CONNECTIONS="10", OPENOPEN8_DB_POOL_SIZE="2")
 
     def test_on_threads_one_keys_slow_uploads_are_capped_and_cut_off_while_others_and_healthz_answer(self) -> None:
         self.check_slow_uploads(OPENOPEN8_WORKER_CLASS="gthread", OPENOPEN8_THREADS="10")
