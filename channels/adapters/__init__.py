@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 
 from django.utils.module_loading import import_string
 
-from channels.adapters.base import Adapter, ChannelTarget
+from channels.adapters.base import REFUSAL_CODES, Adapter, ChannelTarget
 from openopen8.core.errors import GatewayError, UpstreamTimeout, mask_error
 from openopen8.core.http_pool import MAX_PARALLEL_CALLS
 from openopen8.core.schemas import ImageRequest, ImagesResponse
 
-__all__ = ["ADAPTERS", "KIND_CHOICES", "Adapter", "ChannelTarget", "call", "get_adapter"]
+__all__ = ["ADAPTERS", "KIND_CHOICES", "REFUSAL_CODES", "Adapter", "ChannelTarget", "call", "get_adapter"]
 
 ADAPTERS: dict[str, tuple[str, str]] = {
     "openai": ("OpenAI-compatible", "channels.adapters.openai.OpenAICompatibleAdapter"),
