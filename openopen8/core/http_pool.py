@@ -93,20 +93,23 @@ def _check_peer(sock: socket.socket) -> None:
         raise BlockedAddress()
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _Guarded:
+    """A connection that checks the address before connecting and the peer after."""
+
     def _new_conn(self) -> socket.socket:
-        _check_host(self._dns_host, self.port or 80)
-        sock = super()._new_conn()
+        conn: Any = self  # one of urllib3's connections, below this in the MRO
+        _check_host(conn._dns_host, conn.port or conn.default_port)
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         _check_peer(sock)
         return sock
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        _check_host(self._dns_host, self.port or 443)
-        sock = super()._new_conn()
-        _check_peer(sock)
-        return sock
+class _GuardedHTTPConnection(_Guarded, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
+    pass
 
 
 class _GuardedHTTPPool(HTTPConnectionPool):
