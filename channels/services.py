@@ -113,7 +113,7 @@ def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
                 results.append(f"{label}: answered in {resp.latency_ms} ms")
         except GatewayError as error:
             ok = False
-            results.append(f"{label}: {mask_secrets(error.message, key)}")  # also the error raised here
+            results.append(f"{label}: {mask_secrets(error.message, key)}")
     message = "; ".join(results)
     latency_ms = int((time.monotonic() - started) * 1000)
     Channel.objects.filter(pk=channel.pk).update(last_test_at=timezone.now(), last_test_ok=ok,
