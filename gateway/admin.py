@@ -93,7 +93,8 @@ class PriceAdmin(admin.ModelAdmin):
 class UsageLogAdmin(admin.ModelAdmin):
     list_display = ["created_at", "request_id", "token", "endpoint", "model", "channel", "status", "http_status",
                     "n", "images_returned", "size", "quality", "cost_usd", "latency_ms", "error_code"]
-    list_filter = ["status", "endpoint", "model", "token", "channel", ("created_at", admin.DateFieldListFilter)]
+    list_filter = ["status", "endpoint", "model", "token", "channel", "client_gone",
+                   ("created_at", admin.DateFieldListFilter)]
     list_select_related = ("token", "channel")
     search_fields = ["request_id", "model", "error_message"]
     date_hierarchy = "created_at"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.utils import timezone
@@ -11,6 +12,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
+from gateway.bookkeeping import best_effort
 from gateway.cache import ConfigSnapshot, config_snapshot
 from gateway.models import ApiToken, key_prefix
 from openopen8.core.errors import NO_API_KEY
@@ -60,13 +62,17 @@ class BearerTokenAuthentication(BaseAuthentication):
             raise AuthenticationFailed("This API key has expired.")
         now = timezone.now()
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > LAST_USED_RESOLUTION_S:
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+            best_effort(_touch, token.pk, now)
             token.last_used_at = now  # the cached copy too, or every request would write it
         return token, ApiAccess(token, config)
 
     def authenticate_header(self, request: Request) -> str:
         # Without it DRF answers 403 instead of 401 for a missing key.
         return self.keyword
+
+
+def _touch(token_id: int, now: datetime) -> None:
+    ApiToken.objects.filter(pk=token_id).update(last_used_at=now)
 
 
 class HasApiToken(BasePermission):

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
 from django.views.csrf import csrf_failure as django_csrf_failure
 from rest_framework import exceptions as drf
@@ -25,6 +27,7 @@ from openopen8.core.errors import (
     RateLimited,
     RequestTooLarge,
     UnsupportedMediaType,
+    database_unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,8 @@ def from_drf(exc: Exception) -> GatewayError:
                                   "multipart/form-data with the boundary its Content-Type names.")
         return InvalidRequest("We could not parse the JSON body of your request. The OpenAI API expects a JSON "
                               "payload; check that it is valid JSON and that Content-Type is application/json.")
+    if isinstance(exc, (OperationalError, InterfaceError)):  # the database is away, or too busy to answer in time
+        return database_unavailable()
     if isinstance(exc, drf.APIException):
         return _BY_STATUS.get(exc.status_code, GatewayError)(str(exc.detail), code=getattr(exc, "default_code", None))
     return GatewayError("The server had an error while processing your request. Please retry your request.")
@@ -85,7 +90,9 @@ def from_drf(exc: Exception) -> GatewayError:
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF's EXCEPTION_HANDLER: every exception becomes OpenAI's error body, never HTML or a traceback."""
     error = from_drf(exc)
-    if error.status >= 500 and not isinstance(exc, GatewayError):
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        log.warning("database unreachable: %s", type(exc).__name__)  # a line, not a traceback, per request
+    elif error.status >= 500 and not isinstance(exc, GatewayError):
         log.exception("unhandled error", exc_info=exc)
     headers = error.headers()
     if getattr(exc, "auth_header", None):
@@ -114,4 +121,6 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Json
 
 
 def handler500(request: HttpRequest) -> JsonResponse:
+    if isinstance(sys.exc_info()[1], (OperationalError, InterfaceError)):  # raised outside a view, by middleware
+        return error_response(database_unavailable())
     return error_response(GatewayError("The server had an error while processing your request."))

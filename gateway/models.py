@@ -136,6 +136,11 @@ class UsageLog(models.Model):
         SUCCESS = "success"
         ERROR = "error"
 
+    class ClientGone(models.TextChoices):
+        STAYED = "", "stayed for the answer"
+        BEFORE = "before_provider", "left before the provider answered"
+        AFTER = "after_provider", "left after the provider answered, before it had the answer"
+
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     request_id = models.CharField(max_length=40, unique=True)
@@ -167,6 +172,9 @@ class UsageLog(models.Model):
     prompt_length = models.PositiveIntegerField(null=True, blank=True)
     prompt_sha256 = models.CharField(max_length=64, blank=True)
     prompt = models.TextField(blank=True, help_text="Kept only with OPENOPEN8_LOG_PROMPTS on.")
+    client_gone = models.CharField("client went away", max_length=20, blank=True, choices=ClientGone.choices,
+                                   default=ClientGone.STAYED)
+    client_gone_at = models.DateTimeField("client seen gone at", null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

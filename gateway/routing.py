@@ -18,8 +18,9 @@ from channels.adapters import ChannelTarget
 from channels.models import key_fingerprint
 from channels.services import channel_attempt_record, channel_key_reject, channel_key_works
 from gateway import dispatch
+from gateway.bookkeeping import best_effort
 from gateway.hosting import images_deliver
-from gateway.state import CircuitView, LeaseAsk, SharedState, Window, admitted, shared_state
+from gateway.state import CircuitView, LeaseAsk, SharedState, Window, admitted, lease_ttl, shared_state
 from gateway.usage import Attempt
 from openopen8.core.errors import (
     GatewayError,
@@ -34,11 +35,6 @@ from openopen8.core.schemas import ImageRequest, ImagesResponse
 
 _rng = random.Random()
 CLOSED = CircuitView()
-
-
-def lease_ttl() -> float:
-    """How long a lease outlives a worker that died holding it."""
-    return float(settings.OPENOPEN8_REQUEST_DEADLINE + 60)
 
 
 def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayError:
@@ -91,7 +87,8 @@ def _record(target: ChannelTarget, req: ImageRequest, started: float, *, provide
             error: GatewayError | None = None) -> Attempt:
     """The attempt, its outcome also written on the channel."""
     latency_ms = int((time.monotonic() - started) * 1000)
-    channel_attempt_record(target.id, latency_ms=latency_ms, error=error.message if error is not None else None)
+    best_effort(channel_attempt_record, target.id, latency_ms=latency_ms,
+                error=error.message if error is not None else None)
     failure = (error.status, error.code, error.message[:500]) if error is not None else None
     return Attempt(target.id, target.name, target.provider_model(req.model), latency_ms, provider_ms, failure)
 
@@ -118,9 +115,9 @@ def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
             return channel_key_reject(target.id, key=target.api_key, reason=error.message), error
         return None, UpstreamRefused(f"The provider refused this request: {error.provider_message}")
     if dispatch.counts_against_circuit(error):
-        state.circuit_failed(target.id)
+        best_effort(state.circuit_failed, target.id)
     elif not error.channel_fault and view != CLOSED:
-        state.circuit_ok(target.id)  # the provider answered sensibly: it works
+        best_effort(state.circuit_ok, target.id)  # the provider answered sensibly: it works
     return None, error
 
 
@@ -174,7 +171,7 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
                     raise _all_failed(req, tried, error) from error
                 raise error from None
         if view != CLOSED:
-            state.circuit_ok(target.id)
+            best_effort(state.circuit_ok, target.id)
         attempts.append(_record(target, req, started, provider_ms=provider_ms))
         return result
     if last_error is not None:

@@ -10,20 +10,22 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 
 from channels.adapters import ChannelTarget
 from gateway import dispatch
 from gateway.cache import ConfigSnapshot
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key, to_micros
-from gateway.routing import images_route, lease_ttl, release_database
+from gateway.routing import images_route, release_database
 from gateway.selectors import channel_targets_for, price_for
-from gateway.state import LeaseAsk, Window, admitted, shared_state
+from gateway.state import LeaseAsk, Window, admitted, lease_ttl, shared_state
 from gateway.uploads import attach_inputs, from_json, from_multipart
 from gateway.usage import (
     Attempt,
     usage_body,
     usage_close,
+    usage_departed,
     usage_describe,
     usage_fail,
     usage_inputs,
@@ -32,7 +34,15 @@ from gateway.usage import (
 )
 from gateway.usage_sql import usage_insert, usage_insert_holding
 from gateway.usage_writers import usage_complete
-from openopen8.core.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
+from openopen8.client import ClientConnection
+from openopen8.core.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    RateLimited,
+    database_unavailable,
+)
 from openopen8.core.rules import check_request
 from openopen8.core.schemas import ImageRequest, JSONDict
 
@@ -118,7 +128,7 @@ def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
 
 
 def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, read: Callable[[], tuple[Any, Any]],
-                  request_id: str, files_url: str) -> JSONDict:
+                  request_id: str, files_url: str, client: ClientConnection | None = None) -> JSONDict:
     """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
 
     ``read`` reads and parses the body: the fields, and a multipart request's files (``None`` for JSON). It is
@@ -127,6 +137,11 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     for a failed check, ``PermissionDenied`` (403) for a model the token may not use, ``ModelNotFound`` (404),
     ``InsufficientQuota`` (429), or the provider's mapped error. Whatever happens, one usage row records it, nothing
     is charged for images that were not delivered, and temporary files are closed.
+
+    ``client`` is the client's connection, where the server can tell whether it went away: a client that left before
+    its images were ready, or before the answer reached it, is recorded on the row, and charged or not as
+    OPENOPEN8_CHARGE_DEPARTED_CLIENTS says (the provider made, and billed, those images). A successful row is then
+    written once the server knows whether the answer was delivered.
     """
     started = time.monotonic()
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id)
@@ -146,19 +161,38 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                                   attempts=attempts, files_url=files_url, end_user_id=_end_user_id(token, targets),
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         usage_succeed(log, images=len(result.data), price_micros=price)
+        if client is not None and client.gone():
+            usage_departed(log, UsageLog.ClientGone.BEFORE)
         return result.to_dict()
     except GatewayError as error:
         usage_fail(log, error)
         raise
+    except (OperationalError, InterfaceError) as error:
+        unavailable = database_unavailable()
+        usage_fail(log, unavailable)
+        raise unavailable from error
     except Exception:
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
-        unused = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
+        held = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
         record_request(log)
         # A token without a budget holds nothing and is not written at all: its usage rows are its ledger, so its
         # requests do not queue on its one row.
-        usage_complete(log, refund=(token.pk, unused) if unused > 0 else None)
+        if not (log.status == UsageLog.Status.SUCCESS and client is not None
+                and client.on_delivery(lambda delivered: _delivered(log, held, delivered))):
+            usage_complete(log, held=held)
+
+
+def _delivered(log: UsageLog, held: int, delivered: bool) -> None:
+    """The completion of a request whose answer the server has written, or failed to: after Django finished the
+    request, so the connection it takes goes back to the pool here."""
+    try:
+        if not delivered:
+            usage_departed(log, UsageLog.ClientGone.AFTER)
+        usage_complete(log, held=held)
+    finally:
+        connections[DEFAULT_DB_ALIAS].close()
 
 
 def _end_user_id(token: ApiToken, targets: list[ChannelTarget]) -> str:
@@ -172,7 +206,7 @@ def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
     if hold:
         usage_insert_holding(log, token_id=token.pk, micros=hold)
     else:
-        usage_insert(log, durable=False)
+        usage_insert(log)
 
 
 def token_create(*, name: str, budget_micros: int | None = None, allowed_models: str = "",

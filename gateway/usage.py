@@ -78,18 +78,26 @@ def usage_succeed(log: UsageLog, *, images: int, price_micros: int) -> None:
     log.status, log.http_status = UsageLog.Status.SUCCESS, 200
 
 
+def usage_departed(log: UsageLog, when: str) -> None:
+    """The client went away without its answer: recorded once, with when it was seen gone; its images cost nothing
+    unless OPENOPEN8_CHARGE_DEPARTED_CLIENTS (the default: the provider charged for them)."""
+    if not log.client_gone:
+        log.client_gone, log.client_gone_at = when, timezone.now()
+    if not settings.OPENOPEN8_CHARGE_DEPARTED_CLIENTS:
+        log.cost_micros = 0
+
+
 def usage_close(log: UsageLog, *, attempts: list[Attempt], latency_ms: int) -> int:
-    """Record the channels tried (the last one answered, or failed last) and the end; return what the budget hold
-    covered but was not delivered, which the completion gives back."""
+    """Record the channels tried (the last one answered, or failed last) and the end; return the budget hold the
+    pending row took, of which the completion gives back what the cost does not use."""
     log.attempts = [attempt.to_record() for attempt in attempts]
     if attempts:
         last = attempts[-1]
         log.channel_id, log.provider_model, log.provider_latency_ms = (last.channel_id, last.provider_model,
                                                                        last.provider_latency_ms)
     log.latency_ms, log.completed_at = latency_ms, timezone.now()
-    unused = log.reserved_micros - log.cost_micros
-    log.reserved_micros = 0
-    return unused
+    held, log.reserved_micros = log.reserved_micros, 0
+    return held
 
 
 def usage_fail(log: UsageLog, error: GatewayError) -> None:

@@ -9,7 +9,6 @@ from functools import cache, wraps
 from typing import Any, cast
 
 from django.conf import settings
-from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
@@ -29,8 +28,10 @@ from gateway.parsers import StrictJSONParser
 from gateway.selectors import served_model_names
 from gateway.services import images_create
 from gateway.state import shared_state
+from openopen8.client import ClientConnection
 from openopen8.core.errors import AuthenticationError, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
+from openopen8.readiness import database_status
 
 View = Callable[..., HttpResponseBase]
 
@@ -103,7 +104,8 @@ class ImagesApi(GatewayApi):
             return from_form({k: v for k, v in cast(QueryDict, body).items() if k not in request.FILES}), request.FILES
 
         result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, read=read,
-                               request_id=self.request_id, files_url=files_url(request))
+                               request_id=self.request_id, files_url=files_url(request),
+                               client=ClientConnection(request.META))
         return Response(result)
 
 
@@ -173,15 +175,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 @json_only("GET", "HEAD")
 def readyz(request: HttpRequest) -> JsonResponse:
-    """The process can serve: the database answers, and Redis too when it is configured."""
-    checks: dict[str, str] = {}
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        checks["database"] = "ok"
-    except Exception as e:  # any driver error means not ready
-        checks["database"] = f"error: {type(e).__name__}"
-    checks.update(shared_state().health())
+    """The process can serve: the database answers, and Redis too when it is configured; each asked with a timeout
+    under a second."""
+    checks = {"database": database_status(), **shared_state().health()}
     ready = all(v == "ok" for v in checks.values())
     return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
 

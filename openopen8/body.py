@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from openopen8.client import WrappedResponse
 from openopen8.core.errors import RequestTimeout
 
 StartResponse = Callable[..., Any]
@@ -110,24 +111,17 @@ def _watchdog() -> _Watchdog:
     return _Watchdog()
 
 
-class _Closing:
+class _Closing(WrappedResponse):
     """The response, which on close shuts the read side of a body the application left unread."""
 
     def __init__(self, response: Iterable[bytes], body: DeadlineInput) -> None:
-        self.response, self.body = response, body
+        super().__init__(response)
+        self.body = body
 
-    def __iter__(self) -> Any:
-        return iter(self.response)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.response, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.body.finished = True  # the watchdog leaves the connection alone from now on
-            if not self.body.complete:
-                self.body.close_read()
+    def closed(self) -> None:
+        self.body.finished = True  # the watchdog leaves the connection alone from now on
+        if not self.body.complete:
+            self.body.close_read()
 
 
 def body_deadline(app: WSGIApp, *, seconds: float, gevent: bool) -> WSGIApp:

@@ -18,7 +18,9 @@ def start() -> None:
     if _started_in == os.getpid():
         return
     _started_in = os.getpid()
-    from gateway.state import shared_state
+    from gateway.bookkeeping import bookkeeping_start
+    from gateway.journal import journal_start
+    from gateway.state import lease_renewal_start, shared_state
     from gateway.sweeper import start_sweeper
     from gateway.usage_writers import usage_writers_start
     from openopen8.sqlite.base import checkpoints_start
@@ -26,14 +28,25 @@ def start() -> None:
     checkpoints_start()  # on SQLite, checkpoints run in the background rather than in a request's commit
     start_sweeper()  # abandoned requests swept now and then; safe on many workers at once
     usage_writers_start()  # completed usage rows written after the answer has gone (OPENOPEN8_WRITE_AFTER_ANSWER)
+    journal_start()  # rows the database did not take, written once it answers
+    lease_renewal_start()  # places under concurrency limits renewed while their requests run
+    bookkeeping_start()  # channel and token statistics written off the answer's path
     shared_state().listen()  # the versions kept current without a round trip a request (Redis)
 
 
 def stop(*, timeout: float) -> None:
-    """Write the usage rows this process still holds, for up to ``timeout`` seconds; any left the sweeper fails and
-    refunds. Nothing to do in a process that never started."""
+    """Write the usage rows this process still holds, for up to ``timeout`` seconds; what is left stays in the
+    journal on disk, for the next worker or ``manage.py sweep``, and is logged. Nothing to do in a process that never
+    started."""
     if _started_in != os.getpid():
         return
+    import logging
+
+    from gateway.journal import journal_parked, journal_replay
     from gateway.usage_writers import usage_writers_drain
 
     usage_writers_drain(timeout=timeout)
+    if journal_parked() and journal_replay():
+        logging.getLogger("gateway.usage").error(
+            "stopping with %d usage row(s) the database did not take; they stay in the journal for the next worker "
+            "or `manage.py sweep`", journal_parked())

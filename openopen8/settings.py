@@ -82,6 +82,11 @@ OPENOPEN8_BREAKER_MAX_COOLDOWN = envfloat("OPENOPEN8_BREAKER_MAX_COOLDOWN", "600
 OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
+# How long past the request deadline a pending row is left before the sweeper counts it abandoned (seconds).
+OPENOPEN8_SWEEP_GRACE = envfloat("OPENOPEN8_SWEEP_GRACE", "60")
+# A request's place under a concurrency limit lives this long unrenewed (seconds); its worker renews it every third of
+# that while the request runs, so a dead worker's places come back within it.
+OPENOPEN8_LEASE_TTL = envfloat("OPENOPEN8_LEASE_TTL", "15")
 # gunicorn workers on PostgreSQL write a request's completed usage row after its answer has gone out, retrying while
 # the database is away (gateway/usage_writers.py); off: the answer waits for the row's commit.
 OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
@@ -89,6 +94,9 @@ OPENOPEN8_WRITE_AFTER_ANSWER = envbool("OPENOPEN8_WRITE_AFTER_ANSWER", "true")
 # A bearer token /metrics asks for; unset, /metrics is open (then keep it off the public network).
 OPENOPEN8_METRICS_TOKEN = envsecret("OPENOPEN8_METRICS_TOKEN", "")
 OPENOPEN8_LOG_PROMPTS = envbool("OPENOPEN8_LOG_PROMPTS", "false")
+# Whether images a provider made for a client that went away before it had them are charged (the provider charged for
+# them); either way the usage row says the client left, and when.
+OPENOPEN8_CHARGE_DEPARTED_CLIENTS = envbool("OPENOPEN8_CHARGE_DEPARTED_CLIENTS", "true")
 # A JSON file of extra or overriding model rules, merged over gateway/model_rules.json.
 OPENOPEN8_MODEL_RULES_FILE = env("OPENOPEN8_MODEL_RULES_FILE")
 
@@ -99,6 +107,9 @@ OPENOPEN8_REDIS_POOL_SIZE = envint("OPENOPEN8_REDIS_POOL_SIZE", "64")
 OPENOPEN8_REDIS_POOL_TIMEOUT = envfloat("OPENOPEN8_REDIS_POOL_TIMEOUT", "10")
 # Database connections a process keeps open (and shares among its requests in flight), for either database.
 OPENOPEN8_DB_POOL_SIZE = envint("OPENOPEN8_DB_POOL_SIZE", "16")
+# How long a request waits for a PostgreSQL connection (seconds) before it is answered 503 with Retry-After: while the
+# database restarts, a wait this long rides it out; past it the client hears the truth.
+OPENOPEN8_DB_POOL_TIMEOUT = envfloat("OPENOPEN8_DB_POOL_TIMEOUT", "5")
 DATABASES = {
     "default": dj_database_url.parse(
         env("DATABASE_URL", f"sqlite:///{DATA_DIR / 'openopen8.sqlite3'}"), conn_max_age=60, conn_health_checks=True
@@ -125,7 +136,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 2, "max_size": OPENOPEN8_DB_POOL_SIZE, "timeout": 30}
+        "min_size": 2, "max_size": OPENOPEN8_DB_POOL_SIZE, "timeout": OPENOPEN8_DB_POOL_TIMEOUT}
     # Parameters travel apart from the SQL, and psycopg prepares a statement once a connection has run it 5 times, so
     # the statements every request sends are not parsed and planned each time (bench/RESULTS.md). Django leaves
     # preparing off unless asked, for poolers that cannot carry prepared statements: set

@@ -65,12 +65,13 @@ def start_gateway(cleanup: Callable[..., None], *, log: Path | str | None = None
     return gateway_process(cleanup, log=log, **env)[0]
 
 
-def gateway_process(cleanup: Callable[..., None], *, log: Path | str | None = None,
+def gateway_process(cleanup: Callable[..., None], *, log: Path | str | None = None, data: str | None = None,
                     **env: str) -> tuple[str, subprocess.Popen[Any]]:
-    """``start_gateway``, returning gunicorn's master process too; its log goes to ``log``, if given."""
+    """``start_gateway``, returning gunicorn's master process too; its log goes to ``log``, if given, and its data
+    to ``data`` (a new folder unless given)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    data = tempfile.mkdtemp()
+    data = data or tempfile.mkdtemp()
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     proc = start([gunicorn, "-c", "gunicorn.conf.py", "openopen8.wsgi:application"],
                  url=f"{base}/healthz", cleanup=cleanup, log=log,
@@ -87,3 +88,57 @@ def start_s3(cleanup: Callable[..., None]) -> str:
     start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], url=url, env={},
           cleanup=cleanup)
     return url
+
+
+def workers_of(master: subprocess.Popen[Any]) -> list[int]:
+    """The pids of a gunicorn master's workers."""
+    out = subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True, text=True, check=False).stdout
+    return [int(pid) for pid in out.split()]
+
+
+class MachinePostgres:
+    """The machine's PostgreSQL cluster (the suite's database), stopped and started by a test; a test that stops it
+    registers ``start`` as a cleanup, so it is running again whatever the test does."""
+
+    def __init__(self) -> None:
+        versions = sorted(Path("/etc/postgresql").iterdir()) if Path("/etc/postgresql").is_dir() else []
+        self.version = versions[-1].name if versions else ""
+
+    def available(self) -> bool:
+        return bool(self.version) and connection.vendor == "postgresql" and connection.settings_dict["HOST"] in (
+            "127.0.0.1", "localhost")
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", self.version, "main", *args], check=True,
+                       capture_output=True, timeout=60)
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop it: ``immediate`` is a crash (no checkpoint, what was not flushed is gone), ``fast`` a clean stop."""
+        connection.close()
+        self._ctl("stop", "-m", mode)
+
+    def start(self) -> None:
+        if subprocess.run(["pg_ctlcluster", self.version, "main", "status"], capture_output=True,
+                          check=False).returncode == 0:
+            return
+        self._ctl("start")
+        pool = getattr(connection, "pool", None)
+        if pool is not None:
+            pool.check()  # this process's idle connections died with the server
+        connection.close()
+
+
+def start_redis(cleanup: Callable[..., None], port: int | None = None) -> tuple[str, subprocess.Popen[Any]]:
+    """A Redis server of the test's own on a free port (or ``port``), keeping nothing on disk; returns its URL."""
+    port = port or free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup(proc.wait, 10)
+    cleanup(proc.terminate)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return f"redis://127.0.0.1:{port}/0", proc

@@ -14,9 +14,12 @@ from gateway.state.base import (
     SharedState,
     Window,
     admitted,
+    lease_renewal_start,
+    lease_ttl,
 )
 
-__all__ = ["Admission", "CircuitView", "LeaseAsk", "SharedState", "Window", "admitted", "shared_state"]
+__all__ = ["Admission", "CircuitView", "LeaseAsk", "SharedState", "Window", "admitted", "lease_renewal_start",
+           "lease_ttl", "shared_state"]
 
 
 @cache

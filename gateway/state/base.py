@@ -5,13 +5,19 @@ breaker twice."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class Limits(Protocol):
     def release(self, key: str, lease_id: str) -> None:
         """Give back a place ``admit`` took."""
 
+    def renew(self, leases: list[tuple[str, str]], ttl: float) -> None:
+        """Move the expiry of these places (key, lease id) to ``ttl`` seconds from now."""
+
 
 class Circuits(Protocol):
     def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]:
@@ -96,14 +105,62 @@ class SharedState(Limits, Circuits, Versions, Protocol):
     """The three together, as one backend provides them."""
 
 
+class _Renewal:
+    """The leases this process holds, renewed every third of their time to live by one thread (a greenlet under
+    gevent): a request holds its place as long as it runs, and a dead worker's places lapse within the time to
+    live."""
+
+    def __init__(self, ttl: float) -> None:
+        self.pid, self.ttl = os.getpid(), ttl
+        self.held: dict[str, tuple[Limits, str]] = {}  # lease id -> its backend and key
+        threading.Thread(target=self._run, name="openopen8-leases", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.ttl / 3)
+            by_state: dict[int, tuple[Limits, list[tuple[str, str]]]] = {}
+            for lease_id, (state, key) in list(self.held.items()):
+                by_state.setdefault(id(state), (state, []))[1].append((key, lease_id))
+            for state, leases in by_state.values():
+                try:
+                    state.renew(leases, self.ttl)
+                except Exception as error:  # the store is away: the places lapse unless it comes back in time
+                    log.warning("could not renew %d lease(s): %s", len(leases), type(error).__name__)
+
+
+_renewal: _Renewal | None = None
+
+
+def lease_renewal_start() -> None:
+    """Renew this process's leases from now on (gunicorn workers), so they can live a short time."""
+    global _renewal
+    if _renewal is None or _renewal.pid != os.getpid():
+        _renewal = _Renewal(settings.OPENOPEN8_LEASE_TTL)
+
+
+def lease_ttl() -> float:
+    """How long a place lives unrenewed: short where this process renews its leases, else past the longest request
+    (a process without the renewal thread, as the test suite's client)."""
+    renewal = _renewal
+    if renewal is not None and renewal.pid == os.getpid():
+        return renewal.ttl
+    return float(settings.OPENOPEN8_REQUEST_DEADLINE + 60)
+
+
 @contextmanager
 def admitted(state: Limits, *, window: Window | None, lease: LeaseAsk | None) -> Iterator[Admission]:
-    """``state.admit(window=, lease=)`` for the block, the lease (if one was taken) given back when it ends."""
+    """``state.admit(window=, lease=)`` for the block, the lease (if one was taken) renewed while it runs and given
+    back when it ends."""
     admission = state.admit(window=window, lease=lease)
+    renewal = _renewal if _renewal is not None and _renewal.pid == os.getpid() else None
+    if renewal is not None and lease is not None and admission.lease_id is not None:
+        renewal.held[admission.lease_id] = (state, lease.key)
     try:
         yield admission
     finally:
         if lease is not None and admission.lease_id is not None:
+            if renewal is not None:
+                renewal.held.pop(admission.lease_id, None)
             state.release(lease.key, admission.lease_id)
 
 

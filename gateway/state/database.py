@@ -71,6 +71,9 @@ class DatabaseState:
     def release(self, key: str, lease_id: str) -> None:
         Lease.objects.filter(holder=lease_id).delete()
 
+    def renew(self, leases: list[tuple[str, str]], ttl: float) -> None:
+        Lease.objects.filter(holder__in=[lease_id for _key, lease_id in leases]).update(expires_at=time.time() + ttl)
+
     def circuits(self, channel_ids: list[int]) -> dict[int, CircuitView]:
         return {c.channel_id: CircuitView(c.failures, c.trips, c.open_until)
                 for c in Circuit.objects.filter(channel_id__in=channel_ids)}

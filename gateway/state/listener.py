@@ -63,10 +63,10 @@ class VersionListener:
             pubsub = client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 self._listen(pubsub)
-            except Exception:  # Redis went away or answered oddly: requests read for themselves meanwhile
-                if self.last_heard > -math.inf or not retrying:  # once an outage, not at every retry
-                    log.warning("the versions subscription failed; requests read the versions from Redis until it is "
-                                "back", exc_info=True)
+            except Exception as error:  # Redis went away or answered oddly: requests read for themselves meanwhile
+                if self.last_heard > -math.inf or not retrying:  # once an outage, not at every retry; a line
+                    log.warning("the versions subscription failed (%s: %s); requests read the versions themselves "
+                                "until it is back", type(error).__name__, str(error)[:200])
                 retrying = True
             finally:
                 self.last_heard, self.config, self.circuits = -math.inf, None, None

@@ -151,6 +151,12 @@ class ServiceUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+def database_unavailable() -> ServiceUnavailable:
+    """A request that could not reach the gateway's database: temporary, so 503 with a time to come back."""
+    return ServiceUnavailable("The gateway cannot reach its database right now; try again shortly.",
+                              code="database_unavailable", retry_after=5)
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "server_error"

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import time
 import unittest
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
+from unittest import mock
 
 import psycopg
-from django.db import connection, transaction
+from django.db import OperationalError, connection
+from django.db.backends.utils import CursorWrapper
 from django.test import TransactionTestCase
 from django.utils import timezone
 
+from gateway.journal import journal_parked, journal_replay
 from gateway.models import ApiToken, UsageLog
+from gateway.sweeper import usage_sweep
 from gateway.usage import usage_body, usage_new
-from gateway.usage_sql import _INSERT_VALUES, _statements, _values, usage_finish, usage_insert, usage_insert_holding
-from gateway.usage_writers import _write_completions, usage_finish_retrying
+from gateway.usage_sql import usage_finish, usage_insert, usage_insert_holding
+from gateway.usage_writers import _write_completions, usage_finish_retrying, usage_write
 from tests.base import post_json
 from tests.factories import make_channel, make_token, openai_images
 from tests.fake_upstream import FakeUpstream, Recorded
@@ -43,26 +50,98 @@ class UsageRowTests(TransactionTestCase):
                          (r["x-request-id"], "success", 200, 1, 1))
         self.assertEqual(row.attempts[0]["outcome"], "ok")
 
-    def test_on_postgresql_a_pending_row_without_a_hold_skips_the_flush_and_only_its_own_commit_does(self) -> None:
-        if connection.vendor != "postgresql":
-            raise unittest.SkipTest("PostgreSQL only (DATABASE_URL, as .ci/run sets it)")
-        token, _key = make_token()
-        with connection.cursor() as cursor:
-            # Within one transaction the pending statement's setting is visible after it...
-            with transaction.atomic():
-                cursor.execute(_statements(connection.vendor).pending, self.values(token))
-                cursor.execute("SELECT current_setting('synchronous_commit')")
-                self.assertEqual(cursor.fetchone(), ("off",))
-            # ...and, as the gateway sends it (on its own, committed at once), it ends with its commit: the next
-            # statement on the connection, a completion or a budget hold, waits for the flush as before.
-            usage_insert(usage_new(token=token, endpoint="generations", request_id="req_2"), durable=False)
-            cursor.execute("SELECT current_setting('synchronous_commit')")
-            self.assertEqual(cursor.fetchone(), ("on",))
-        self.assertEqual(UsageLog.objects.filter(status="pending").count(), 2)
+    def test_a_completion_written_twice_counts_once(self) -> None:
+        # As when a replay of the journal and the writer both write it, or a try whose answer was lost is repeated.
+        token, _key = make_token(budget="1.00")
+        log = held_row(token, "req_twice", hold=32000)
+        completed(log, images=1)
+        usage_finish(log, held=32000)
+        usage_finish(log, held=32000)
+        self.assertEqual(spent(token), 16000)
+        self.assertEqual(UsageLog.objects.get().status, "success")
 
-    def values(self, token: Any) -> list[Any]:
-        log = usage_new(token=token, endpoint="generations", request_id="req_1")
-        return _values(log, _INSERT_VALUES, True, connection)
+    def test_a_completion_that_comes_after_the_sweep_is_written_and_charged_again(self) -> None:
+        # Its journal was on a node that was down: the sweeper refunded the hold; the images were delivered.
+        token, _key = make_token(budget="1.00")
+        log = held_row(token, "req_late", hold=32000)
+        UsageLog.objects.filter(request_id="req_late").update(created_at=timezone.now() - timedelta(hours=1))
+        self.assertEqual(usage_sweep(grace=0), 1)
+        self.assertEqual(spent(token), 0)
+        completed(log, images=2)
+        with self.assertLogs("gateway.usage", "WARNING") as logs:
+            usage_finish(log, held=32000)
+        self.assertIn("swept before its completion", logs.output[0])
+        row = UsageLog.objects.get()
+        self.assertEqual((row.status, row.error_code, row.cost_micros, row.images_returned), ("success", "", 32000, 2))
+        self.assertEqual(spent(token), 32000)
+        self.assertEqual(usage_sweep(grace=0), 0)
+
+    def test_a_completion_is_found_by_its_request_id_not_by_a_reused_serial_key(self) -> None:
+        # A crash lost a pending row and the database handed its serial key to the next row.
+        token, _key = make_token()
+        lost = usage_new(token=token, endpoint="generations", request_id="req_lost")
+        usage_insert(lost)
+        UsageLog.objects.filter(request_id="req_lost").delete()
+        other = usage_new(token=token, endpoint="generations", request_id="req_other")
+        other.pk = lost.pk
+        other.save(force_insert=True)
+        completed(lost, images=1)
+        usage_finish(lost)
+        rows = dict(UsageLog.objects.values_list("request_id", "status"))
+        self.assertEqual(rows, {"req_lost": "success", "req_other": "pending"})
+
+    def test_a_budget_hold_whose_answer_was_lost_is_recognised_and_completed_normally(self) -> None:
+        if connection.vendor != "postgresql":
+            raise unittest.SkipTest("PostgreSQL only: the hold is one statement there, whose answer can be lost")
+        token, _key = make_token(budget="1.00")
+        log = usage_new(token=token, endpoint="generations", request_id="req_ack")
+        usage_body(log, {"prompt": "a"})
+        with answer_lost_after_commit():
+            with self.assertLogs("gateway.usage", "WARNING") as logs:
+                usage_insert_holding(log, token_id=token.pk, micros=32000)
+        self.assertIn("committed though its answer was lost", logs.output[0])
+        self.assertEqual(spent(token), 32000)  # the hold is there, once
+        completed(log, images=1)
+        usage_finish(log, held=32000)
+        row = UsageLog.objects.get()
+        self.assertEqual((row.status, row.cost_micros, row.reserved_micros), ("success", 16000, 0))
+        self.assertEqual(spent(token), 16000)
+
+
+def held_row(token: ApiToken, request_id: str, *, hold: int) -> UsageLog:
+    log = usage_new(token=token, endpoint="generations", request_id=request_id)
+    usage_body(log, {"prompt": "a"})
+    usage_insert_holding(log, token_id=token.pk, micros=hold)
+    return log
+
+
+def completed(log: UsageLog, *, images: int) -> UsageLog:
+    """The row as the request path leaves it after ``images`` delivered at 16,000 µUSD each."""
+    log.status, log.http_status, log.images_returned = UsageLog.Status.SUCCESS, 200, images
+    log.cost_micros, log.completed_at, log.reserved_micros = 16000 * images, timezone.now(), 0
+    return log
+
+
+def spent(token: ApiToken) -> int:
+    return ApiToken.objects.get(pk=token.pk).spent_micros
+
+
+@contextmanager
+def answer_lost_after_commit() -> Iterator[None]:
+    """The next statement the gateway sends commits, and then its answer is lost, as when the connection drops
+    just after the commit."""
+    real = CursorWrapper.execute
+    sent: list[str] = []
+
+    def execute(self: Any, sql: str, params: Any = None) -> Any:
+        result = real(self, sql, params)
+        if not sent:
+            sent.append(sql)
+            raise OperationalError("server closed the connection unexpectedly")
+        return result
+
+    with mock.patch.object(CursorWrapper, "execute", execute):
+        yield
 
 
 class CompletionRetryTests(TransactionTestCase):
@@ -80,6 +159,9 @@ class CompletionRetryTests(TransactionTestCase):
         self.log.cost_micros, self.log.completed_at = 16000, timezone.now()
         self.log.reserved_micros = 0  # as the request path leaves it: what was not delivered is refunded
 
+    def tearDown(self) -> None:
+        journal_replay()
+
     def lose_connection(self) -> None:
         """The database ends this process's connection, as when it restarts or a proxy drops it."""
         with connection.cursor() as cursor:
@@ -94,25 +176,31 @@ class CompletionRetryTests(TransactionTestCase):
     def test_a_completion_that_lost_its_connection_is_written_on_a_retry(self) -> None:
         self.lose_connection()
         with self.assertLogs("gateway.usage", "WARNING") as logs:
-            self.assertTrue(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time() + 10))
-        self.assertIn("trying again", logs.output[0])
+            self.assertIsNone(usage_finish_retrying(self.log, held=32000, until=time.monotonic() + 10))
+        self.assertIn("written after 1 retries", logs.output[0])
         row = UsageLog.objects.get()
         self.assertEqual((row.status, row.images_returned, row.reserved_micros), ("success", 1, 0))
         self.assertEqual(self.spent(), 16000)  # the undelivered image's hold given back, once
 
     def test_a_retry_finds_a_completion_that_was_committed_and_does_not_repeat_it(self) -> None:
         # As when the commit went through but its answer was lost on the way back.
-        usage_finish(self.log, refund=(self.token.pk, 16000))
+        usage_finish(self.log, held=32000)
         self.lose_connection()
-        self.assertTrue(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time() + 10))
+        self.assertIsNone(usage_finish_retrying(self.log, held=32000, until=time.monotonic() + 10))
         self.assertEqual(self.spent(), 16000)  # not refunded twice
 
-    def test_a_completion_gives_up_for_the_sweeper_when_the_database_stays_away(self) -> None:
-        self.lose_connection()
-        with self.assertLogs("gateway.usage", "ERROR"):
-            self.assertFalse(usage_finish_retrying(self.log, refund=(self.token.pk, 16000), until=time.time()))
-        self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.PENDING)  # the sweeper fails and refunds it
+    def test_a_completion_the_database_does_not_take_goes_to_the_journal_and_is_written_from_it(self) -> None:
+        with mock.patch("gateway.usage_writers.usage_finish", side_effect=OperationalError("connection refused")):
+            with self.assertLogs("gateway.usage", "ERROR") as logs:
+                usage_write(self.log, held=32000)
+        self.assertIn("kept in", logs.output[0])
+        self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.PENDING)
         self.assertEqual(self.spent(), 32000)
+        self.assertEqual(usage_sweep(grace=-3600), 0)  # nothing swept while the journal holds rows
+        self.assertEqual(journal_replay(), 0)
+        self.assertEqual(UsageLog.objects.get().status, UsageLog.Status.SUCCESS)
+        self.assertEqual(self.spent(), 16000)
+        self.assertEqual(journal_parked(), 0)
 
 
 class CompletionBatchTests(TransactionTestCase):
@@ -130,7 +218,7 @@ class CompletionBatchTests(TransactionTestCase):
         if hold:
             usage_insert_holding(log, token_id=self.token.pk, micros=hold)
         else:
-            usage_insert(log, durable=False)
+            usage_insert(log)
         return log
 
     def completed(self, log: UsageLog, *, images: int, latency_ms: int) -> UsageLog:
@@ -155,10 +243,9 @@ class CompletionBatchTests(TransactionTestCase):
         plain = [self.completed(self.pending(f"req_{i}"), images=i + 1, latency_ms=100 + i) for i in range(3)]
         refunded = self.completed(self.pending("req_refund", hold=32000), images=1, latency_ms=7)
         lost = self.pending("req_lost")  # as after a database crash took its unflushed pending row
-        UsageLog.objects.filter(pk=lost.pk).delete()
+        UsageLog.objects.filter(request_id="req_lost").delete()
         self.completed(lost, images=1, latency_ms=9)
-        _write_completions([(plain[0], None), (refunded, (self.token.pk, 16000)), (plain[1], None), (lost, None),
-                            (plain[2], None)])
+        _write_completions([(plain[0], 0), (refunded, 32000), (plain[1], 0), (lost, 0), (plain[2], 0)])
         ok = [{"channel": None, "outcome": "ok", "latency_ms": ms} for ms in (100, 101, 102, 7, 9)]
         self.assertEqual(self.rows(), {
             "req_0": ("success", 1, 100, 16000, 0, [ok[0]]),
@@ -174,7 +261,7 @@ class CompletionBatchTests(TransactionTestCase):
         logs = [self.completed(self.pending(f"req_{i}"), images=1, latency_ms=i) for i in range(3)]
         logs[1].error_code = "x" * 80  # longer than its column: the database refuses the row
         with self.assertLogs("gateway.usage", "ERROR") as logged:
-            _write_completions([(log, None) for log in logs])
-        self.assertIn("req_1 not written", logged.output[0])
+            _write_completions([(log, 0) for log in logs])
+        self.assertIn("req_1 refused", logged.output[0])
         self.assertEqual({k: v[0] for k, v in self.rows().items()},
                          {"req_0": "success", "req_1": "pending", "req_2": "success"})  # the sweeper fails req_1
