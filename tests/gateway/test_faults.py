@@ -225,7 +225,9 @@ class RedisFaultTests(Faults):
         self.assertTrue(refused.headers["Retry-After"])
         ids = [a.headers["x-request-id"] for a in served]
         eventually(lambda: UsageLog.objects.filter(request_id__in=ids, status="success").count() == 20)
-        self.assertTrue(UsageLog.objects.filter(request_id=refused.headers["x-request-id"], http_status=503).exists())
+        # The refusal's row is written after its answer, like every row: wait for it too.
+        eventually(lambda: UsageLog.objects.filter(request_id=refused.headers["x-request-id"],
+                                                   http_status=503).exists())
         log = self.log_text()
         self.assertNotIn("Traceback", log)
         self.assertLessEqual(log.count("Redis does not answer"), 2)  # a line a worker for the outage
