@@ -140,15 +140,22 @@ def classify(resp: UpstreamResponse, message: str, *, code: Any = None, param: A
     if refused or kind == "image_generation_user_error":
         return ContentPolicyViolation(message, param=param if isinstance(param, str) and param else None)
     if status in (401, 403):
-        return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {status}): {message}",
-                                   channel_fault=True, names_key=code in KEY_CODES or kind in KEY_CODES,
-                                   provider_message=message)
+        return key_rejected(resp, message, names_key=code in KEY_CODES or kind in KEY_CODES)
     if status == 429:
-        return RateLimited(f"The provider is rate limiting this channel (HTTP {status}).", channel_fault=True,
-                           retry_after=retry_after(resp))
+        return rate_limited(resp, retry_after(resp))
     if status == 408 or status >= 500:
         return UpstreamError(f"The provider failed (HTTP {status}).", channel_fault=True)
     if status in (400, 413, 415, 422):
         return InvalidRequest(message, param=param if isinstance(param, str) and param else None,
                               code=code if isinstance(code, str) else None)
     return UpstreamError(f"The provider answered HTTP {status}.", channel_fault=True)
+
+
+def key_rejected(resp: UpstreamResponse, message: str, *, names_key: bool) -> UpstreamKeyRejected:
+    return UpstreamKeyRejected(f"The provider rejected the channel's credentials (HTTP {resp.status}): {message}",
+                               channel_fault=True, names_key=names_key, provider_message=message)
+
+
+def rate_limited(resp: UpstreamResponse, after: int | None) -> RateLimited:
+    return RateLimited(f"The provider is rate limiting this channel (HTTP {resp.status}).", channel_fault=True,
+                       retry_after=after)
