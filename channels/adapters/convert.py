@@ -36,12 +36,14 @@ def data_url(image: ImageInput) -> str:
     return f"data:{image.content_type};base64,{base64.b64encode(image.read()).decode()}"
 
 
-def white_repaint_mask(openai_mask: bytes) -> bytes:
-    """OpenAI's mask (transparent = repaint) as a grayscale PNG where white = repaint and black = keep."""
+def repaint_mask(openai_mask: bytes, *, repaint_white: bool = True) -> bytes:
+    """OpenAI's mask (transparent = repaint, whatever the colour) as a grayscale PNG where white = repaint and black
+    = keep, or the reverse."""
     with Image.open(io.BytesIO(openai_mask)) as mask:
         alpha = mask.convert("RGBA").getchannel("A")
+    repaint, keep = (255, 0) if repaint_white else (0, 255)
     out = io.BytesIO()
-    alpha.point(lambda a: 255 if a == 0 else 0).save(out, "PNG")
+    alpha.point(lambda a: repaint if a == 0 else keep).save(out, "PNG")
     return out.getvalue()
 
 

@@ -3,23 +3,29 @@
 The provider model is ``owner/name`` (an official model) or ``owner/name:version``. Model inputs differ per model, so
 the channel's config maps OpenAI's fields to them: ``inputs`` (e.g. ``{"n": "num_outputs", "image": "image"}``),
 ``size_as`` (``aspect_ratio``, ``width_height`` or omit), ``max_outputs`` per prediction, and ``static_input``
-merged into every prediction. Images and masks go as data URLs; outputs are URLs the gateway downloads."""
+merged into every prediction. Images and masks go as data URLs; outputs are URLs the gateway downloads.
+
+OpenAI's mask marks the pixels to edit by transparency; inpainting models on Replicate (FLUX Fill and most others)
+take a black-and-white mask where white is inpainted. ``mask_as`` says which the model wants: ``white`` (default),
+``black`` (black is inpainted) or ``alpha`` (the client's mask unchanged)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
-from channels.adapters.convert import data_url, dimensions, nearest_ratio
+from channels.adapters.convert import data_url, dimensions, nearest_ratio, repaint_mask
 from openopen8.core.errors import ContentPolicyViolation, GatewayError, UpstreamError
 from openopen8.core.http import UpstreamRequest, UpstreamResponse
 from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
 
 RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 MAPPABLE = ("prompt", "n", "image", "mask", "negative_prompt", "seed", "output_format")
+MASKS = ("white", "black", "alpha")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class Config:
     static_input: dict[str, Any] = field(default_factory=dict)
     wait: int = 60
     poll_interval: float = 1.0
+    mask_as: str = "white"
 
 
 class ReplicateAdapter(Adapter):
@@ -39,13 +46,15 @@ class ReplicateAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"inputs", "size_as", "max_outputs", "static_input", "wait", "poll_interval"})
+        only_keys(raw, {"inputs", "size_as", "max_outputs", "static_input", "wait", "poll_interval", "mask_as"})
         inputs = raw.get("inputs", {"prompt": "prompt"})
         if not isinstance(inputs, dict) or set(inputs) - set(MAPPABLE) or "prompt" not in inputs:
             raise ValueError(f"inputs maps some of {', '.join(MAPPABLE)} (prompt at least) to the model's input names")
         if raw.get("size_as") not in (None, "aspect_ratio", "width_height") or not isinstance(
                 raw.get("static_input", {}), dict):
             raise ValueError("size_as is aspect_ratio, width_height or null; static_input is an object")
+        if raw.get("mask_as", "white") not in MASKS:
+            raise ValueError(f"mask_as is one of {', '.join(MASKS)}")
         config = Config(**{**raw, "inputs": inputs})
         if not (1 <= config.max_outputs <= 10 and 1 <= config.wait <= 60 and config.poll_interval > 0):
             raise ValueError("max_outputs is 1 to 10, wait 1 to 60 seconds, poll_interval positive")
@@ -59,8 +68,11 @@ class ReplicateAdapter(Adapter):
         names, values = config.inputs, {**req.fields, "prompt": req.prompt, "n": req.n}
         if req.images:
             values["image"] = data_url(req.images[0])
-        if req.mask is not None:
+        if req.mask is not None and config.mask_as == "alpha":
             values["mask"] = data_url(req.mask)
+        elif req.mask is not None:
+            mask = repaint_mask(req.mask.read(), repaint_white=config.mask_as == "white")
+            values["mask"] = f"data:image/png;base64,{base64.b64encode(mask).decode()}"
         model_input = {**config.static_input, **{names[k]: values[k] for k in names if k in values}}
         if config.size_as == "aspect_ratio" and nearest_ratio(req.size, RATIOS):
             model_input["aspect_ratio"] = nearest_ratio(req.size, RATIOS)
@@ -100,7 +112,10 @@ class ReplicateAdapter(Adapter):
     def parse_error(self, resp: UpstreamResponse, target: ChannelTarget) -> GatewayError:
         try:
             body = json.loads(resp.content)
-            message = str(body.get("detail") or body.get("title") or f"HTTP {resp.status}")
+            title, message = str(body.get("title") or ""), str(body.get("detail") or body.get("title") or "")
         except (ValueError, AttributeError):
-            message = f"HTTP {resp.status}"
+            title, message = "", ""
+        message = message or f"HTTP {resp.status}"
+        if title.startswith("Invalid version"):  # 422 for the channel's model, or an account without billing
+            return UpstreamError(f"The provider will not run the channel's model: {message}", channel_fault=True)
         return classify(resp, message)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
-from channels.adapters.convert import white_repaint_mask
+from channels.adapters.convert import repaint_mask
 from openopen8.core.errors import GatewayError, InvalidRequest, UpstreamError
 from openopen8.core.http import UpstreamRequest, UpstreamResponse
 from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
@@ -99,7 +99,7 @@ class SDWebUIAdapter(Adapter):
             body.update(init_images=[base64.b64encode(req.images[0].read()).decode()], resize_mode=0,
                         denoising_strength=config.denoising_strength)
         if req.mask is not None:
-            body.update(mask=base64.b64encode(white_repaint_mask(req.mask.read())).decode(), mask_blur=config.mask_blur,
+            body.update(mask=base64.b64encode(repaint_mask(req.mask.read())).decode(), mask_blur=config.mask_blur,
                         inpainting_fill=1, inpaint_full_res=False, inpainting_mask_invert=0)
         user, sep, password = target.api_key.partition(":")
         return UpstreamRequest("POST", f"{target.base_url.rstrip('/')}/sdapi/v1/{route}", json=body,

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
-from channels.adapters.convert import nearest_ratio, white_repaint_mask
+from channels.adapters.convert import nearest_ratio, repaint_mask
 from openopen8.core.errors import ContentPolicyViolation, GatewayError, UpstreamError
 from openopen8.core.http import UploadPart, UpstreamRequest, UpstreamResponse
 from openopen8.core.schemas import ImageData, ImageRequest, ImagesResponse, JSONDict
@@ -61,7 +61,7 @@ class StabilityAdapter(Adapter):
             image = req.images[0]
             files.append(UploadPart("image", image.filename, image.file, image.content_type))
             if req.mask is not None:  # without one, Stability reads the image's alpha: transparent = repaint
-                files.append(UploadPart("mask", "mask.png", io.BytesIO(white_repaint_mask(req.mask.read())),
+                files.append(UploadPart("mask", "mask.png", io.BytesIO(repaint_mask(req.mask.read())),
                                         "image/png"))
         else:
             endpoint = config.quality_endpoints.get(req.quality or "", config.endpoint)

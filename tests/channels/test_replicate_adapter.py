@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
+from PIL import Image
 
 from channels.adapters import get_adapter
 from channels.adapters.base import Poll
@@ -10,7 +14,7 @@ from openopen8.core.errors import ContentPolicyViolation
 from openopen8.core.schemas import ImagesResponse
 from tests.adapters import KEY, answer, request, target
 from tests.base import ApiTestCase, assert_openai_error
-from tests.factories import make_channel, png_bytes
+from tests.factories import image_bytes, make_channel, mask_png, png_bytes
 from tests.fake_upstream import FakeUpstream, Recorded
 
 CONFIG = {"inputs": {"prompt": "prompt", "n": "num_outputs", "seed": "seed"}, "max_outputs": 4,
@@ -79,11 +83,55 @@ class ReplicateAdapterTests(ApiTestCase):
             assert_openai_error(self.generate({"model": "slow", "prompt": "x"}), 504, "server_error",
                                 "upstream_timeout")
 
+    def test_an_inpaint_mask_is_sent_as_the_model_reads_it(self) -> None:
+        # FLUX Fill: "Black areas will be preserved while white areas will be inpainted"; OpenAI: transparent = edit.
+        hole, openai_mask = (2, 2, 6, 6), mask_png(8, 8, hole=(2, 2, 6, 6))
+        fill = {"inputs": {"prompt": "prompt", "image": "image", "mask": "mask"}, "size_as": None}
+        sent = {}
+        for mask_as in (None, "black", "alpha"):
+            with self.subTest(mask_as=mask_as), FakeUpstream() as up:
+                up.respond(200, Predictions(up, ready=True))
+                config = fill if mask_as is None else {**fill, "mask_as": mask_as}
+                make_channel(kind="replicate", base_url=up.url, models=f"fill-{mask_as}", config=config,
+                             model_map={f"fill-{mask_as}": "black-forest-labs/flux-fill-pro"})
+                r = self.client.post("/v1/images/edits", {
+                    "model": f"fill-{mask_as}", "prompt": "a boat",
+                    "image": SimpleUploadedFile("a.png", image_bytes(8, 8)),
+                    "mask": SimpleUploadedFile("m.png", openai_mask)}, headers={"Authorization": f"Bearer {self.key}"})
+                self.assertEqual(r.status_code, 200, r.content)
+                model_input = up.requests[0].json()["input"]
+                self.assertEqual(base64.b64decode(model_input["image"].split(",", 1)[1]), image_bytes(8, 8))
+                sent[mask_as] = base64.b64decode(model_input["mask"].removeprefix("data:image/png;base64,"))
+        white = Image.open(io.BytesIO(sent[None]))
+        self.assertEqual((white.mode, white.size), ("L", (8, 8)))
+        inside, outside = (hole[0] + 1, hole[1] + 1), (0, 0)
+        self.assertEqual((white.getpixel(inside), white.getpixel(outside), white.getpixel((7, 7))), (255, 0, 0))
+        black = Image.open(io.BytesIO(sent["black"]))
+        self.assertEqual((black.getpixel(inside), black.getpixel(outside)), (0, 255))
+        self.assertEqual(sent["alpha"], openai_mask)
+
+    def test_invalid_input_is_the_clients_and_a_model_the_account_cannot_run_the_channels(self) -> None:
+        # Replicate's errors: {"title", "detail", "status"} (422 for both, told apart by the title).
+        with FakeUpstream() as up, FakeUpstream() as other:
+            up.respond(422, {"title": "Input validation failed", "status": 422, "detail": "- seed: Invalid type.",
+                             "invalid_fields": [{"type": "invalid_type", "field": "seed"}]})
+            make_channel(kind="replicate", base_url=up.url, models="flux", config=CONFIG)
+            error = assert_openai_error(self.generate({"model": "flux", "prompt": "x"}), 400, "invalid_request_error")
+            self.assertIn("seed: Invalid type", error["message"])
+            up.respond(422, {"title": "Invalid version or not permitted", "status": 422,
+                             "detail": "The specified version does not exist (or perhaps you don't have permission "
+                                       "to use it?)"})
+            other.respond(200, Predictions(other, ready=True))
+            make_channel(kind="replicate", base_url=up.url, models="flux2", config=CONFIG, priority=5)
+            make_channel(kind="replicate", base_url=other.url, models="flux2", config=CONFIG)
+            self.assertEqual(self.generate({"model": "flux2", "prompt": "x"}).status_code, 200)
+        self.assertEqual([r.method for r in other.requests].count("POST"), 1)
+
     def test_its_config_is_checked(self) -> None:
         from channels.adapters.replicate import ReplicateAdapter
 
         for bad in ({"inputs": {"n": "num_outputs"}}, {"inputs": {"prompt": "p", "colour": "c"}}, {"wait": 90},
-                    {"size_as": "pixels"}):
+                    {"size_as": "pixels"}, {"mask_as": "grey"}):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 ReplicateAdapter.parse_config(bad)
 
