@@ -86,6 +86,44 @@ class DashScopeAdapterTests(ApiTestCase):
             make_channel(kind="dashscope", base_url=good.url, models="wan2", config=FAST)
             self.assertEqual(self.generate({"model": "wan2", "prompt": "x"}).status_code, 200)
 
+    @override_settings(OPENOPEN8_ALLOW_PRIVATE_URLS=True)
+    def test_each_model_is_sent_sizes_and_n_its_reference_allows(self) -> None:
+        qwen = {(1664, 928), (1472, 1140), (1328, 1328), (1140, 1472), (928, 1664)}
+
+        def provider(request: Recorded) -> Any:
+            """DashScope as Model Studio's references describe it: qwen-image takes five sizes and n = 1, wan2.5 a
+            total area from 768*768 to 1440*1440, other Wan models sides from 512 to 1440 and n up to 4."""
+            if request.method == "GET":
+                return {"output": {"task_id": request.path.rsplit("/", 1)[1], "task_status": "SUCCEEDED",
+                                   "results": [{"url": image}] * int(request.path.rsplit("-", 1)[1])}}
+            body = request.json()
+            model, n = body["model"], body["parameters"]["n"]
+            width, height = map(int, body["parameters"]["size"].split("*"))
+            allowed = {"qwen-image": (width, height) in qwen and n == 1,
+                       "wan2.5-t2i-preview": 768 * 768 <= width * height <= 1440 * 1440 and 1 / 4 <= width / height <= 4
+                       and n <= 4}.get(model, 512 <= min(width, height) and max(width, height) <= 1440 and n <= 4)
+            if not allowed:
+                return 400, {"request_id": "r", "code": "InvalidParameter", "message": f"size or n not supported: "
+                                                                                       f"{width}*{height}, {n}"}
+            return {"request_id": "r", "output": {"task_id": f"t-{n}", "task_status": "PENDING"}}
+
+        cases = [("qwen-image", "1024x1024", 2, ["1328*1328"] * 2), ("qwen-image", "1792x1024", 1, ["1664*928"]),
+                 ("qwen-image", "1024x1536", 1, ["1140*1472"]), ("wan2.5-t2i-preview", "512x512", 1, ["768*768"]),
+                 ("wan2.5-t2i-preview", "1024x512", 1, ["1088*544"]),
+                 ("wan2.5-t2i-preview", "4096x1024", 5, ["2880*720", "2880*720"]),
+                 ("wan2.2-t2i-plus", "512x512", 3, ["512*512"])]
+        with FakeUpstream() as up:
+            image = up.serve_file("/results/1.png", png_bytes(6, 6))
+            up.respond(200, provider)
+            for model, size, n, expected in cases:
+                make_channel(kind="dashscope", base_url=up.url, models=model, config=FAST)
+                up.requests.clear()
+                r = self.generate({"model": model, "prompt": "a poster", "size": size, "n": n})
+                self.assertEqual((r.status_code, len(r.json().get("data", []))), (200, n), r.content)
+                submitted = [q.json()["parameters"] for q in up.requests if q.method == "POST"]
+                self.assertEqual(sorted(p["size"] for p in submitted), expected)
+                self.assertEqual(sum(p["n"] for p in submitted), n)
+
     def test_an_invalid_key_is_a_channel_fault(self) -> None:
         with FakeUpstream() as up:
             up.respond(401, {"request_id": "r", "code": "InvalidApiKey", "message": "Invalid API-key provided."})
