@@ -1,8 +1,9 @@
 """Volcengine Ark (ByteDance Seedream, SeedEdit): an OpenAI-like ``/images/generations`` with Ark's own fields.
 
 The base URL ends in ``/api/v3``. Ark has no ``n`` (the gateway calls in parallel), takes reference images as data
-URLs in ``image`` (edits, no mask), sizes as ``WxH`` or a tier (``1K``/``2K``/``4K``), and passes ``watermark``,
-``seed``, ``guidance_scale`` and its other fields through. Its moderation codes are read as refusals."""
+URLs in ``image`` (edits, no mask), sizes as ``WxH`` or a tier (``1K``/``2K``/``4K``), and passes ``seed``,
+``guidance_scale`` and its other fields through. ``watermark`` is always sent: the channel's, else the client's, else
+false (Ark's own default is a visible mark). Its moderation codes are read as refusals."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ OPENAI_ONLY = ("n", "quality", "style", "background", "moderation", "output_comp
 class Config:
     default_size: str = "2K"  # for size "auto" or none
     hd_size: str = "4K"  # for quality hd/high with no size
-    watermark: bool | None = None  # None: the client's field, else Ark's default (a visible mark)
+    watermark: bool | None = None  # None: the client's field (default false); true/false: always that
     response_format: str | None = "b64_json"
 
 
@@ -53,8 +54,10 @@ class ArkAdapter(OpenAICompatibleAdapter):
         if dimensions(req.size) is None:
             body["size"] = config.hd_size if req.quality in ("hd", "high") else config.default_size
         body["response_format"] = config.response_format or req.response_format
-        if config.watermark is not None:
-            body["watermark"] = config.watermark
+        # Ark marks every image unless told not to; OpenAI's carry no mark. The channel's rule wins, then the client's.
+        client_mark = req.fields.get("watermark")
+        body["watermark"] = config.watermark if config.watermark is not None else (
+            client_mark if isinstance(client_mark, bool) else False)
         if req.images:
             refs = [data_url(image) for image in req.images]
             body["image"] = refs[0] if len(refs) == 1 else refs

@@ -42,7 +42,18 @@ class ArkAdapterTests(ApiTestCase):
             self.generate({"model": "seedream", "prompt": "a", "size": "1536x1024"})
             self.generate({"model": "seedream", "prompt": "a", "quality": "hd"})
         self.assertEqual([r.json()["size"] for r in up.requests], ["1536x1024", "4K"])
-        self.assertNotIn("watermark", up.requests[0].json())
+
+    def test_images_carry_no_watermark_unless_the_client_or_the_channel_asks(self) -> None:
+        # Ark's watermark defaults to true (a visible mark); OpenAI's images carry none.
+        with FakeUpstream() as up:
+            up.respond(200, ARK_OK)
+            make_channel(kind="ark", base_url=up.url, models="seedream")
+            make_channel(kind="ark", base_url=up.url, models="marked", config={"watermark": True})
+            for model, asked in (("seedream", None), ("seedream", True), ("seedream", False), ("marked", False)):
+                body = {"model": model, "prompt": "a"} if asked is None else {"model": model, "prompt": "a",
+                                                                               "watermark": asked}
+                self.assertEqual(self.generate(body).status_code, 200)
+        self.assertEqual([r.json()["watermark"] for r in up.requests], [False, True, False, True])
 
     def test_reference_images_go_as_data_urls(self) -> None:
         source = image_bytes(20, 20, fmt="JPEG")
