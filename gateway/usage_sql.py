@@ -58,8 +58,6 @@ def _how(fields: list[Any]) -> list[tuple[str, Any]]:
 _INSERT_VALUES, _COMPLETION_VALUES = _how(_INSERT_FIELDS), _how(_COMPLETION)
 
 
-
-
 class _Statements(NamedTuple):
     insert: str
     # The completion of a row still pending (parameters: the completion's values, request id, "pending"); the
@@ -85,6 +83,7 @@ def _column(model: Any, name: str) -> str:
     return str(connection.ops.quote_name(str(model._meta.get_field(name).column)))
 
 
+@cache  # built once per vendor: building them casts every column's type each time
 def _statements(vendor: str) -> _Statements:
     quote = connection.ops.quote_name
     table = quote(UsageLog._meta.db_table)
