@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin
@@ -12,60 +12,99 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
-from gateway.models import ApiToken, Price, UsageLog, from_micros, to_micros
+from gateway.models import ApiToken, Budgeted, Price, TokenGroup, UsageLog, from_micros, to_micros
 from gateway.selectors import ledger_micros
 from gateway.services import token_create
 from openopen8.admin import EnableDisableAdmin
 
 
-class ApiTokenForm(forms.ModelForm):
-    budget = forms.DecimalField(label="Budget (USD)", required=False, min_value=Decimal(0), decimal_places=6,
-                                help_text="Empty means unlimited.")
+class BudgetForm(forms.ModelForm):
+    """A budget typed in USD, kept in micro-dollars."""
 
-    class Meta:
-        model = ApiToken
-        fields = ["name", "enabled", "expires_at", "budget", "allowed_models", "requests_per_minute", "max_in_flight"]
+    budget = forms.DecimalField(label="Budget (USD)", required=False, min_value=Decimal(0), decimal_places=6,
+                                help_text="Empty means unlimited; a renewing budget is this much each period.")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.instance.budget_micros is not None:
             self.initial["budget"] = from_micros(self.instance.budget_micros)
 
-    def save(self, commit: bool = True) -> ApiToken:
+    def save(self, commit: bool = True) -> Any:
         budget = self.cleaned_data.get("budget")
-        if budget is not None and self.instance.budget_micros is None and self.instance.pk:
-            # A budget given to a token that had none counts what it already spent (its usage rows).
-            self.instance.spent_micros = ledger_micros(self.instance.pk)
         self.instance.budget_micros = None if budget is None else to_micros(budget)
+        return super().save(commit=commit)
+
+
+class ApiTokenForm(BudgetForm):
+    class Meta:
+        model = ApiToken
+        fields = ["name", "enabled", "expires_at", "budget", "budget_period", "group", "allowed_models",
+                  "requests_per_minute", "max_in_flight"]
+
+    def save(self, commit: bool = True) -> ApiToken:
+        if self.cleaned_data.get("budget") is not None and self.instance.budget_micros is None and self.instance.pk:
+            # A one-off budget given to a token that had none counts what it already spent (its usage rows).
+            self.instance.spent_micros = ledger_micros(self.instance.pk) if not self.instance.budget_period else 0
         token: ApiToken = super().save(commit=commit)
         return token
 
 
+class TokenGroupForm(BudgetForm):
+    class Meta:
+        model = TokenGroup
+        fields = ["name", "budget", "budget_period", "multiplier"]
+
+
+def budget_columns(budgeted: Budgeted, ledger: int) -> tuple[str, str, str]:
+    """Budget, spent and left (in the running period), for the console's lists."""
+    if budgeted.budget_micros is None:
+        return "unlimited", f"{from_micros(ledger):.4f}", "–"
+    spent = budgeted.spent_this_period()
+    period = f" / {budgeted.get_budget_period_display()}" if budgeted.budget_period else ""
+    return (f"{from_micros(budgeted.budget_micros):.4f}{period}", f"{from_micros(spent):.4f}",
+            f"{from_micros(max(0, budgeted.budget_micros - spent)):.4f}")
+
+
+class BudgetColumns(admin.ModelAdmin):
+    """The list columns of a budget: what it is, what was spent and is left in the running period, when it renews.
+    Without a budget, spent is the sum of the usage rows."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        rows = super().get_queryset(request).annotate(ledger=Coalesce(Sum("usage__cost_micros"), 0))
+        return cast("QuerySet[Any]", rows)
+
+    @admin.display(description="budget (USD)")
+    def budget_usd(self, budgeted: Budgeted) -> str:
+        return budget_columns(budgeted, getattr(budgeted, "ledger", 0))[0]
+
+    @admin.display(description="spent (USD)")
+    def spent_usd(self, budgeted: Budgeted) -> str:
+        return budget_columns(budgeted, getattr(budgeted, "ledger", 0))[1]
+
+    @admin.display(description="left (USD)")
+    def left_usd(self, budgeted: Budgeted) -> str:
+        return budget_columns(budgeted, 0)[2]
+
+    @admin.display(description="renews")
+    def period_ends(self, budgeted: Budgeted) -> Any:
+        return budgeted.period_ends() or "–"
+
+
 @admin.register(ApiToken)
-class ApiTokenAdmin(EnableDisableAdmin):
+class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
     form = ApiTokenForm
-    list_display = ["name", "key_display", "enabled", "budget_usd", "spent_usd", "allowed_models",
-                    "requests_per_minute", "max_in_flight", "expires_at", "last_used_at", "created_at"]
-    list_filter = ["enabled"]
+    list_display = ["name", "key_display", "enabled", "group", "budget_usd", "spent_usd", "left_usd", "period_ends",
+                    "allowed_models", "requests_per_minute", "max_in_flight", "expires_at", "last_used_at",
+                    "created_at"]
+    list_filter = ["enabled", "group", "budget_period"]
+    list_select_related = ("group",)
     search_fields = ["name", "key_prefix"]
-    readonly_fields = ["key_display", "spent_usd", "created_at", "last_used_at"]
+    readonly_fields = ["key_display", "spent_usd", "left_usd", "period_ends", "created_at", "last_used_at"]
 
     @admin.display(description="key")
     def key_display(self, token: ApiToken) -> str:
         return f"sk-{token.key_prefix}…" if token.key_prefix else "(shown once, on creation)"
 
-    @admin.display(description="budget (USD)")
-    def budget_usd(self, token: ApiToken) -> str:
-        return "unlimited" if token.budget is None else f"{token.budget:.4f}"
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiToken]:
-        tokens: QuerySet[ApiToken] = super().get_queryset(request)
-        return tokens.annotate(ledger=Coalesce(Sum("usage__cost_micros"), 0))
-
-    @admin.display(description="spent (USD)")
-    def spent_usd(self, token: ApiToken) -> str:
-        spent = token.spent_micros if token.budget_micros is not None else getattr(token, "ledger", 0)
-        return f"{from_micros(spent):.4f}"
 
     def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
         if change:
@@ -81,10 +120,20 @@ class ApiTokenAdmin(EnableDisableAdmin):
         return TemplateResponse(request, "admin/gateway/apitoken/key_created.html", context)
 
 
+@admin.register(TokenGroup)
+class TokenGroupAdmin(BudgetColumns):
+    form = TokenGroupForm
+    list_display = ["name", "budget_usd", "spent_usd", "left_usd", "period_ends", "multiplier", "created_at"]
+    search_fields = ["name"]
+    readonly_fields = ["spent_usd", "left_usd", "period_ends"]
+
+
+
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
-    list_display = ["model", "size", "quality", "usd_per_image"]
-    list_editable = ["usd_per_image"]
+    list_display = ["model", "size", "quality", "usd_per_image", "usd_per_1m_text_input", "usd_per_1m_image_input",
+                    "usd_per_1m_cached_input", "usd_per_1m_image_output", "usd_per_1m_text_output",
+                    "ceiling_usd_per_image", "effective_from"]
     list_filter = ["model"]
     search_fields = ["model"]
 
@@ -92,8 +141,9 @@ class PriceAdmin(admin.ModelAdmin):
 @admin.register(UsageLog)
 class UsageLogAdmin(admin.ModelAdmin):
     list_display = ["created_at", "request_id", "token", "endpoint", "model", "channel", "status", "http_status",
-                    "n", "images_returned", "size", "quality", "cost_usd", "latency_ms", "error_code"]
-    list_filter = ["status", "endpoint", "model", "token", "channel", "client_gone",
+                    "n", "images_returned", "size", "quality", "hold_usd", "cost_usd", "output_image_tokens",
+                    "latency_ms", "error_code"]
+    list_filter = ["status", "endpoint", "model", "token", "group", "channel", "client_gone",
                    ("created_at", admin.DateFieldListFilter)]
     list_select_related = ("token", "channel")
     search_fields = ["request_id", "model", "error_message"]
@@ -101,7 +151,12 @@ class UsageLogAdmin(admin.ModelAdmin):
 
     @admin.display(description="cost (USD)")
     def cost_usd(self, log: UsageLog) -> str:
-        return f"{log.cost:.4f}"
+        overrun = f" ({from_micros(log.overrun_micros):.4f} over the hold)" if log.overrun_micros else ""
+        return f"{log.cost:.4f}{overrun}"
+
+    @admin.display(description="held (USD)")
+    def hold_usd(self, log: UsageLog) -> str:
+        return f"{from_micros(log.hold_micros):.4f}"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

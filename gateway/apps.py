@@ -9,13 +9,13 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Every change to tokens, channels or prices reaches every process's cache (gateway/cache.py).
+        # Every change to tokens, groups, channels or prices reaches every process's cache (gateway/cache.py).
         from django.db.models.signals import post_delete, post_save
 
         from channels.models import Channel
         from gateway.cache import config_changed
-        from gateway.models import ApiToken, Price
+        from gateway.models import ApiToken, Price, TokenGroup
 
-        for model in (ApiToken, Channel, Price):
+        for model in (ApiToken, Channel, Price, TokenGroup):
             post_save.connect(config_changed, sender=model, dispatch_uid=f"config-changed-save-{model.__name__}")
             post_delete.connect(config_changed, sender=model, dispatch_uid=f"config-changed-delete-{model.__name__}")

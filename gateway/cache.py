@@ -14,9 +14,11 @@ import threading
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Q
 
 from channels.models import Channel
 from gateway.models import ApiToken, Price
+from gateway.pricing import matches
 from gateway.state import CircuitView, shared_state
 
 MAX_TOKEN_ENTRIES = 10_000
@@ -49,7 +51,7 @@ class ConfigSnapshot:
         tokens = self._generation.tokens
         found = tokens.get(prefix)
         if found is None:
-            found = list(ApiToken.objects.filter(key_prefix=prefix))
+            found = list(ApiToken.objects.filter(key_prefix=prefix).select_related("group"))
             if len(tokens) >= MAX_TOKEN_ENTRIES:  # unknown keys must not grow the cache without bound
                 tokens.clear()
             tokens[prefix] = found
@@ -61,9 +63,12 @@ class ConfigSnapshot:
         return self._generation.channels
 
     def prices_for(self, model: str) -> list[Price]:
+        """The price rows that may apply to ``model``: its own, and every pattern (``pricing.price_in_effect``
+        picks)."""
         prices = self._generation.prices.get(model)
         if prices is None:
-            prices = self._generation.prices[model] = list(Price.objects.filter(model=model))
+            rows = Price.objects.filter(Q(model=model) | Q(model__contains="*"))
+            prices = self._generation.prices[model] = [row for row in rows if matches(row.model, model)]
         return prices
 
     def circuits_for(self, channel_ids: list[int]) -> dict[int, CircuitView]:

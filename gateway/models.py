@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import hmac
 import secrets
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -37,22 +40,107 @@ def key_prefix(key: str) -> str:
     return key[3:3 + KEY_PREFIX_LENGTH]
 
 
-class ApiToken(models.Model):
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+class Period(models.TextChoices):
+    ONCE = "", "one-off"
+    DAY = "day", "daily (UTC)"
+    WEEK = "week", "weekly (UTC, from Monday)"
+    MONTH = "month", "monthly (UTC, from the 1st)"
+    ANNIVERSARY = "anniversary", "monthly (from the day it was created)"
+
+
+def period_key(period: str, now: datetime, created: datetime | None) -> int:
+    """The start, in Unix seconds, of the budget period ``now`` falls in (0 for a one-off budget): what is spent
+    counts against the period whose key it was held under, and starts again from 0 under a new key."""
+    now = now.astimezone(UTC)
+    if period == Period.DAY:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    elif period == Period.WEEK:
+        start = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+    elif period == Period.MONTH:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    elif period == Period.ANNIVERSARY:
+        born = (created or EPOCH).astimezone(UTC)
+        start = _anniversary(born, now.year, now.month)
+        if start > now:
+            start = _anniversary(born, now.year - (now.month == 1), 12 if now.month == 1 else now.month - 1)
+    else:
+        return 0
+    return int(start.timestamp())
+
+
+def _anniversary(born: datetime, year: int, month: int) -> datetime:
+    """The creation's day and time of day in that month, on its last day when the month is shorter."""
+    day = min(born.day, calendar.monthrange(year, month)[1])
+    return born.replace(year=year, month=month, day=day)
+
+
+class Budgeted(models.Model):
+    """A budget that is one-off or renews: ``spent_micros`` counts the period ``period_key`` names."""
+
+    # Money is kept in whole micro-dollars: SQL arithmetic on integers is exact on every database.
+    budget_micros = models.BigIntegerField("budget (µUSD)", null=True, blank=True, help_text="Empty means unlimited.")
+    budget_period = models.CharField("budget renews", max_length=12, blank=True, choices=Period.choices,
+                                     default=Period.ONCE)
+    # Counted against the budget, held before each request, in the period this key names.
+    spent_micros = models.BigIntegerField("spent against the budget (µUSD)", default=0)
+    period_key = models.BigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def budget(self) -> Decimal | None:
+        return None if self.budget_micros is None else from_micros(self.budget_micros)
+
+    def current_period(self, now: datetime | None = None) -> int:
+        return period_key(self.budget_period, now or timezone.now(), self.created_at)
+
+    def spent_this_period(self, now: datetime | None = None) -> int:
+        """What was spent in the period now running: nothing yet when the stored one has ended."""
+        return self.spent_micros if self.period_key >= self.current_period(now) else 0
+
+    def period_ends(self, now: datetime | None = None) -> datetime | None:
+        """When the running period ends (``None`` for a one-off budget)."""
+        now = now or timezone.now()
+        start = self.current_period(now)
+        if not start:
+            return None
+        probe = datetime.fromtimestamp(start, UTC) + timedelta(days=1)
+        while self.current_period(probe) == start:
+            probe += timedelta(days=1)
+        return datetime.fromtimestamp(self.current_period(probe), UTC)
+
+
+class TokenGroup(Budgeted):
+    """A team or customer: one budget for all its tokens together, and a price multiplier (a reseller's margin)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    multiplier = models.DecimalField("price multiplier", max_digits=8, decimal_places=4, default=Decimal(1),
+                                     help_text="Costs of its tokens' requests are multiplied by this.")
+
+    class Meta:
+        verbose_name = "token group"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiToken(Budgeted):
     name = models.CharField(max_length=100)
     key_prefix = models.CharField(max_length=KEY_PREFIX_LENGTH, db_index=True, editable=False)
     key_hash = models.CharField(max_length=64, editable=False)
     enabled = models.BooleanField(default=True)
     expires_at = models.DateTimeField(null=True, blank=True)
-    # Money is kept in whole micro-dollars: SQL arithmetic on integers is exact on every database.
-    budget_micros = models.BigIntegerField("budget (µUSD)", null=True, blank=True, help_text="Empty means unlimited.")
-    # Counted against the budget, held before each request. A token without a budget keeps no running total here:
-    # what it spent is the sum of its usage rows (the admin shows that).
-    spent_micros = models.BigIntegerField("spent against the budget (µUSD)", default=0)
+    # A token without a budget keeps no running total in spent_micros: what it spent is the sum of its usage rows.
+    group = models.ForeignKey(TokenGroup, null=True, blank=True, on_delete=models.PROTECT, related_name="tokens")
     allowed_models = models.TextField(blank=True, help_text="Comma-separated; empty allows every model.")
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
     max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
                                                 help_text="Requests running at once; empty means no limit.")
-    created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
     # DRF treats the authenticated token as the request's user.
@@ -63,10 +151,6 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (sk-{self.key_prefix}…)"
-
-    @property
-    def budget(self) -> Decimal | None:
-        return None if self.budget_micros is None else from_micros(self.budget_micros)
 
     @property
     def spent(self) -> Decimal:
@@ -92,20 +176,37 @@ class ApiToken(models.Model):
                                  hashlib.sha256).hexdigest()[:32]
 
 
-class Price(models.Model):
-    """USD per image. An empty size or quality matches any; the most specific row wins."""
+def _rate(name: str) -> Any:
+    return models.DecimalField(f"USD per 1M {name} tokens", max_digits=12, decimal_places=6, null=True, blank=True)
 
-    model = models.CharField(max_length=100, db_index=True)
+
+class Price(models.Model):
+    """USD per image, or per token of each kind (gateway/pricing.py). The model is a name or a ``*`` pattern; an
+    empty size or quality matches any; the most specific row in effect when a request starts prices it."""
+
+    model = models.CharField(max_length=100, db_index=True, help_text="A model name, or a pattern: gpt-image-2.6*")
     size = models.CharField(max_length=20, blank=True)
     quality = models.CharField(max_length=20, blank=True)
-    usd_per_image = models.DecimalField("USD per image", max_digits=12, decimal_places=6)
+    usd_per_image = models.DecimalField("USD per image", max_digits=12, decimal_places=6, default=Decimal(0))
+    usd_per_1m_text_input = _rate("text input")
+    usd_per_1m_image_input = _rate("image input")
+    usd_per_1m_cached_input = _rate("cached input")
+    usd_per_1m_image_output = _rate("image output")
+    usd_per_1m_text_output = _rate("text output")
+    ceiling_usd_per_image = models.DecimalField(
+        "hold per image (USD)", max_digits=12, decimal_places=6, null=True, blank=True,
+        help_text="What a token-priced request holds per image before the provider answers; empty: OpenAI's "
+                  "output-token table at the image output rate.")
+    effective_from = models.DateTimeField(default=EPOCH, help_text="Requests started from then on use this row.")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["model", "size", "quality"], name="unique_price")]
-        ordering = ["model", "size", "quality"]
+        constraints = [models.UniqueConstraint(fields=["model", "size", "quality", "effective_from"],
+                                               name="unique_price")]
+        ordering = ["model", "size", "quality", "-effective_from"]
 
     def __str__(self) -> str:
-        return f"{self.model} {self.size or 'any size'} {self.quality or 'any quality'}: ${self.usd_per_image}"
+        what = "by tokens" if self.usd_per_1m_image_output is not None else f"${self.usd_per_image}"
+        return f"{self.model} {self.size or 'any size'} {self.quality or 'any quality'}: {what}"
 
 
 class Counter(models.Model):
@@ -167,6 +268,21 @@ class UsageLog(models.Model):
     cost_micros = models.BigIntegerField("cost (µUSD)", default=0)
     reserved_micros = models.BigIntegerField("reserved (µUSD)", default=0,
                                              help_text="Held from the budget while the request runs.")
+    # The money as it was worked out: the hold taken (kept after the request ends), the part of the cost beyond it,
+    # the price row and the rates it applied (a later change of the row rewrites nothing), and the token counts.
+    hold_micros = models.BigIntegerField("held (µUSD)", default=0)
+    overrun_micros = models.BigIntegerField("cost beyond the hold (µUSD)", default=0)
+    price = models.ForeignKey(Price, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    unit_prices = models.JSONField(default=dict, blank=True)
+    input_text_tokens = models.PositiveIntegerField(null=True, blank=True)
+    input_image_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cached_input_tokens = models.PositiveIntegerField(null=True, blank=True)
+    output_image_tokens = models.PositiveIntegerField(null=True, blank=True)
+    output_text_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # Which budgets the hold was counted against, by their period's key (empty: that budget was not held).
+    budget_period = models.BigIntegerField(null=True, blank=True, editable=False)
+    group = models.ForeignKey(TokenGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    group_period = models.BigIntegerField(null=True, blank=True, editable=False)
     latency_ms = models.PositiveIntegerField("total latency (ms)", null=True, blank=True)
     provider_latency_ms = models.PositiveIntegerField("provider latency (ms)", null=True, blank=True)
     prompt_length = models.PositiveIntegerField(null=True, blank=True)

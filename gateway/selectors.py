@@ -1,15 +1,16 @@
-"""Reads: which channels serve a model, and what an image costs."""
+"""Reads: which channels serve a model, and which price row applies."""
 
 from __future__ import annotations
 
 import logging
-from decimal import Decimal
+from datetime import datetime
 
 from django.db.models import Sum
 
 from channels.adapters import ChannelTarget
 from gateway.cache import ConfigSnapshot
-from gateway.models import UsageLog
+from gateway.models import Price, UsageLog
+from gateway.pricing import price_in_effect
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,10 @@ def served_model_names(config: ConfigSnapshot) -> set[str]:
     return names
 
 
-def price_for(config: ConfigSnapshot, *, model: str, size: str | None, quality: str | None) -> Decimal:
-    """USD per image for this model, size and quality; the most specific price row wins, no row costs 0. Cached."""
-    best, best_score = Decimal(0), -1
-    for price in config.prices_for(model):
-        if price.size not in ("", size) or price.quality not in ("", quality):
-            continue
-        score = (price.size != "") * 2 + (price.quality != "")
-        if score > best_score:
-            best, best_score = price.usd_per_image, score
-    return best
+def price_for(config: ConfigSnapshot, *, model: str, size: str | None, quality: str | None,
+              at: datetime) -> Price | None:
+    """The price row in effect at ``at`` for this model, size and quality (``pricing.price_in_effect``). Cached."""
+    return price_in_effect(config.prices_for(model), model=model, size=size, quality=quality, at=at)
 
 
 def ledger_micros(token_id: int) -> int:

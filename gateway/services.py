@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -16,7 +17,8 @@ from channels.adapters import ChannelTarget
 from gateway import dispatch
 from gateway.cache import ConfigSnapshot
 from gateway.metrics import record_request
-from gateway.models import ApiToken, UsageLog, new_key, to_micros
+from gateway.models import ApiToken, UsageLog, new_key
+from gateway.pricing import Ask, charge_micros, hold_micros, tokens_from_usage, with_multiplier
 from gateway.routing import images_route, release_database
 from gateway.selectors import channel_targets_for, price_for
 from gateway.state import LeaseAsk, Window, admitted, lease_ttl, shared_state
@@ -30,6 +32,7 @@ from gateway.usage import (
     usage_fail,
     usage_inputs,
     usage_new,
+    usage_price,
     usage_succeed,
 )
 from gateway.usage_sql import usage_insert, usage_insert_holding
@@ -155,12 +158,22 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
             usage_body(log, body)
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
             targets = _targets(config, req)
-            price = to_micros(price_for(config, model=req.model, size=req.size, quality=req.quality))
-            _write_pending(log, token, hold=price * req.n if token.budget_micros is not None else 0)
+            row = price_for(config, model=req.model, size=req.size, quality=req.quality, at=log.created_at)
+            multiplier = token.group.multiplier if token.group is not None else Decimal(1)
+            usage_price(log, row, multiplier)
+            if log.budget_period is not None or log.group_period is not None:
+                ask = Ask(n=req.n, size=req.size, quality=req.quality, prompt_chars=len(req.prompt or ""),
+                          input_images=len(req.images), calls=req.n)
+                _write_pending(log, hold=with_multiplier(hold_micros(row, ask), multiplier))
+            else:
+                _write_pending(log, hold=0)
             result = images_route(req, targets, circuits=config.circuits_for([t.id for t in targets]),
                                   attempts=attempts, files_url=files_url, end_user_id=_end_user_id(token, targets),
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
-        usage_succeed(log, images=len(result.data), price_micros=price)
+        tokens = tokens_from_usage(result.extra.get("usage"))
+        charge = charge_micros(row, images=len(result.data), tokens=tokens)
+        usage_succeed(log, images=len(result.data), cost_micros=with_multiplier(charge.micros, multiplier),
+                      tokens=tokens)
         if client is not None and client.gone():
             usage_departed(log, UsageLog.ClientGone.BEFORE)
         return result.to_dict()
@@ -200,11 +213,11 @@ def _end_user_id(token: ApiToken, targets: list[ChannelTarget]) -> str:
     return token.end_user_id() if any(t.end_user == "token" for t in targets) else ""
 
 
-def _write_pending(log: UsageLog, token: ApiToken, *, hold: int) -> None:
-    """Write the pending row, with the budget hold in the same transaction (or neither). Raises
-    ``InsufficientQuota`` when the budget does not cover the hold."""
+def _write_pending(log: UsageLog, *, hold: int) -> None:
+    """Write the pending row, with the budget holds in the same transaction (or none). Raises
+    ``InsufficientQuota`` when a budget does not cover the hold."""
     if hold:
-        usage_insert_holding(log, token_id=token.pk, micros=hold)
+        usage_insert_holding(log, micros=hold)
     else:
         usage_insert(log)
 

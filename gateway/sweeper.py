@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
-from gateway.billing import budget_settle
+from gateway.billing import budget_adjust
 from gateway.journal import journal_replay
 from gateway.models import Counter, Lease, UsageLog
 from gateway.usage_sql import ABANDONED
@@ -38,14 +38,15 @@ def usage_sweep(*, grace: float | None = None) -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.OPENOPEN8_REQUEST_DEADLINE + grace)
     swept = 0
     stale = UsageLog.objects.filter(status=UsageLog.Status.PENDING, created_at__lt=cutoff)
-    for pk, token_id, held in stale.values_list("pk", "token_id", "reserved_micros"):
+    held_by = ("token_id", "group_id", "budget_period", "group_period")
+    for pk, held, *budgets in stale.values_list("pk", "reserved_micros", *held_by):
         with transaction.atomic():
             claimed = UsageLog.objects.filter(pk=pk, status=UsageLog.Status.PENDING).update(
                 status=UsageLog.Status.ERROR, error_type="server_error", error_code=ABANDONED,
                 error_message="The request never finished (its worker stopped); the hold was refunded.",
                 reserved_micros=0, completed_at=timezone.now())
-            if claimed and token_id is not None:
-                budget_settle(token_id=token_id, micros=-held)
+            if claimed:
+                budget_adjust(UsageLog(**dict(zip(held_by, budgets, strict=True))), micros=-held)
         swept += claimed
     # Shared state kept in the database: leases of dead workers and counter windows long closed.
     Lease.objects.filter(expires_at__lt=time.time()).delete()

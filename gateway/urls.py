@@ -10,5 +10,7 @@ urlpatterns = [
     path("images/variations", views.ImageVariationApi.as_view(), name="images-variations"),
     path("images/files/<str:name>", views.image_file, name="image-file"),
     path("models", views.ModelListApi.as_view(), name="models"),
+    path("dashboard/billing/subscription", views.BillingSubscriptionApi.as_view(), name="billing-subscription"),
+    path("dashboard/billing/usage", views.BillingUsageApi.as_view(), name="billing-usage"),
     re_path(r"^(?P<rest>.*)$", views.unknown_api_path),
 ]

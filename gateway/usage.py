@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 
-from gateway.models import ApiToken, UsageLog
+from gateway.billing import holds_for
+from gateway.models import ApiToken, Price, UsageLog
+from gateway.pricing import Tokens, unit_prices
 from openopen8.core.errors import GatewayError
 from openopen8.core.schemas import ImageRequest
 
@@ -23,8 +26,10 @@ def _prompt_key() -> bytes:
 
 
 def usage_new(*, token: ApiToken, endpoint: str, request_id: str) -> UsageLog:
-    """An unsaved row with what is known before the body is read."""
-    return UsageLog(token=token, endpoint=endpoint, request_id=request_id)
+    """An unsaved row with what is known before the body is read, the budgets its request holds among it."""
+    log = UsageLog(token=token, endpoint=endpoint, request_id=request_id)
+    holds_for(log, token)
+    return log
 
 
 def usage_body(log: UsageLog, body: Any) -> None:
@@ -72,9 +77,21 @@ def usage_inputs(log: UsageLog, req: ImageRequest) -> None:
     log.input_bytes = sum(i.size for i in (*req.images, req.mask, req.markup) if i is not None)
 
 
-def usage_succeed(log: UsageLog, *, images: int, price_micros: int) -> None:
-    """The request delivered ``images``: it costs their price, and no more."""
-    log.images_returned, log.cost_micros = images, price_micros * images
+def usage_price(log: UsageLog, row: Price | None, multiplier: Decimal) -> None:
+    """The price row that applies and the rates it applied, kept on the row as they are now."""
+    log.price, log.unit_prices = row, unit_prices(row)
+    if row is not None and multiplier != 1:
+        log.unit_prices["group_multiplier"] = str(multiplier)
+
+
+def usage_succeed(log: UsageLog, *, images: int, cost_micros: int, tokens: Tokens | None) -> None:
+    """The request delivered ``images`` at ``cost_micros`` (their price, or their tokens'), and no more; what the
+    cost takes beyond the request's hold is recorded as its overrun."""
+    log.images_returned, log.cost_micros = images, cost_micros
+    log.overrun_micros = max(0, cost_micros - log.hold_micros) if log.hold_micros else 0
+    if tokens is not None:
+        (log.input_text_tokens, log.input_image_tokens, log.cached_input_tokens, log.output_image_tokens,
+         log.output_text_tokens) = tokens.as_tuple()
     log.status, log.http_status = UsageLog.Status.SUCCESS, 200
 
 

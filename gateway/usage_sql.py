@@ -31,7 +31,7 @@ from django.db import (
 )
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from gateway.billing import budget_reserve, budget_settle, budget_statements, quota_exceeded
+from gateway.billing import budget_adjust, budget_reserve, budget_statements, hold_params, quota_exceeded
 from gateway.models import ApiToken, UsageLog
 
 logger = logging.getLogger("gateway.usage")  # every message about usage rows under one name
@@ -42,7 +42,8 @@ ABANDONED = "abandoned"
 # What is settled before the pending row is written and never changes after. The completion writes every other
 # field, so a field added to the model is written at completion unless it is named here.
 PENDING_FIELDS = frozenset({"created_at", "request_id", "token", "endpoint", "model", "n", "size", "quality",
-                            "response_format", "prompt_length", "prompt_sha256", "prompt"})
+                            "response_format", "prompt_length", "prompt_sha256", "prompt", "hold_micros", "price",
+                            "unit_prices", "budget_period", "group", "group_period"})
 COMPLETION_FIELDS = [f.name for f in UsageLog._meta.concrete_fields
                      if not f.primary_key and f.name not in PENDING_FIELDS]
 
@@ -64,8 +65,9 @@ class _Statements(NamedTuple):
     # same without the condition, for a row ``_settle_strays`` has locked.
     update: str
     update_any: str
-    # PostgreSQL: the pending insert with its budget hold, and the completion with its refund (parameters: the
-    # update's, then the micros given back), each one statement (elsewhere: two, in a transaction).
+    # PostgreSQL, for a request holding its token's budget alone: the pending insert with its hold, and the
+    # completion with its refund (parameters: the update's, then the micros given back and the period key), each one
+    # statement (elsewhere, and with a group's budget too: several, in a transaction).
     holding: str | None
     refunding: str | None
     # PostgreSQL: the completions of several requests in one statement (UsageWriters): one array a column, so that
@@ -96,7 +98,7 @@ def _statements(vendor: str) -> _Statements:
     update = f"{update_any} AND {status} = %s"
     if vendor != "postgresql":
         return _Statements(insert, update, update_any, None, None, None)
-    hold, _settle = budget_statements(vendor)
+    hold, _adjust = budget_statements(ApiToken)
     # Data-modifying WITH clauses run once, whether or not the statement reads them. The row's values are cast, as
     # in a SELECT they would not take their columns' types.
     casts = ", ".join(f"%s::{_cast(f)}" for f in _INSERT_FIELDS)
@@ -106,8 +108,8 @@ def _statements(vendor: str) -> _Statements:
     # its lock, finds it no longer pending, and gives nothing back.
     tokens, spent = quote(ApiToken._meta.db_table), _column(ApiToken, "spent_micros")
     refunding = (f"WITH done AS ({update} RETURNING {token_column} AS token), refund AS (UPDATE {tokens} SET "
-                 f"{spent} = {spent} - %s WHERE {_column(ApiToken, 'id')} = (SELECT token FROM done)) "
-                 "SELECT count(*) FROM done")
+                 f"{spent} = {spent} - %s WHERE {_column(ApiToken, 'id')} = (SELECT token FROM done) AND "
+                 f"{_column(ApiToken, 'period_key')} = %s) SELECT count(*) FROM done")
     names = [f"c{i}" for i in range(len(_COMPLETION))]
     update_many = (f"UPDATE {table} SET " + ", ".join(f"{quote(f.column)} = v.{name}"
                                                      for f, name in zip(_COMPLETION, names, strict=True))
@@ -143,25 +145,28 @@ def usage_insert(log: UsageLog) -> None:
 HOLD_LOOKUP_S = 2.0
 
 
-def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
-    """Insert the pending row with a hold of ``micros`` on the token's budget: both or neither, committed durably.
-    Raises ``InsufficientQuota`` when the budget does not cover the hold; nothing is written or held then.
+def usage_insert_holding(log: UsageLog, *, micros: int) -> None:
+    """Insert the pending row with a hold of ``micros`` on each budget ``log`` holds (``billing.holds_for``): all or
+    nothing, committed durably. Raises ``InsufficientQuota`` when a budget does not cover the hold; nothing is written
+    or held then.
 
     When the database's answer is lost (the connection dropped around the commit), the row is looked for: found, it
     holds the budget and the request goes on; not found, nothing was held. When it cannot be looked for either, the
     error is raised with the row marked as perhaps written, so that its completion gives the hold back if it exists.
     """
-    log.reserved_micros = micros
+    log.reserved_micros = log.hold_micros = micros
     db = connections[DEFAULT_DB_ALIAS]
-    holding = _statements(db.vendor).holding
+    holding = _statements(db.vendor).holding if _token_alone(log) else None
     try:
         if holding is None:
             with transaction.atomic(using=db.alias):
                 usage_insert(log)
-                budget_reserve(token_id=token_id, micros=micros)
+                budget_reserve(log, micros=micros)
             return
+        assert log.token_id is not None and log.budget_period is not None
         with db.cursor() as cursor:
-            cursor.execute(holding, [micros, token_id, micros, *_values(log, _INSERT_VALUES, True, db)])
+            cursor.execute(holding, [*hold_params(micros=micros, pk=log.token_id, period=log.budget_period),
+                                     *_values(log, _INSERT_VALUES, True, db)])
             row = cursor.fetchone()
         if row is None:
             raise quota_exceeded()
@@ -182,8 +187,13 @@ def usage_insert_holding(log: UsageLog, *, token_id: int, micros: int) -> None:
         raise
 
 
+def _token_alone(log: UsageLog) -> bool:
+    """Whether the request holds its token's budget and no group's: the case one statement serves."""
+    return log.budget_period is not None and log.group_period is None
+
+
 def _not_written(log: UsageLog) -> None:
-    log.pk, log.reserved_micros = None, 0
+    log.pk, log.reserved_micros, log.hold_micros = None, 0, 0
     log._state.adding = True
 
 
@@ -212,23 +222,24 @@ def usage_finish(log: UsageLog, *, held: int = 0) -> None:
         except IntegrityError:  # written already, by an earlier try whose answer was lost
             _settle_strays(log, held, db)
         return
-    statements, refund = _statements(db.vendor), held - log.cost_micros
+    # What the hold does not cover is charged too (negative refund): a budget is never charged less than the cost.
+    statements, refund = _statements(db.vendor), (held - log.cost_micros) if held else 0
     params = [*_values(log, _COMPLETION_VALUES, False, db), log.request_id, UsageLog.Status.PENDING]
-    if refund <= 0:
+    if not refund:
         with db.cursor() as cursor:
             cursor.execute(statements.update, params)
             done = cursor.rowcount > 0
-    elif statements.refunding is not None:
+    elif statements.refunding is not None and _token_alone(log):
         with db.cursor() as cursor:
-            cursor.execute(statements.refunding, [*params, refund])
+            cursor.execute(statements.refunding, [*params, refund, log.budget_period])
             done = cursor.fetchone()[0] > 0
     else:
         with transaction.atomic(using=db.alias):
             with db.cursor() as cursor:
                 cursor.execute(statements.update, params)
                 done = cursor.rowcount > 0
-            if done and log.token_id is not None:
-                budget_settle(token_id=log.token_id, micros=-refund)
+            if done:
+                budget_adjust(log, micros=-refund)
     if not done:
         _settle_strays(log, held, db)
 
@@ -256,8 +267,8 @@ def _settle_strays(log: UsageLog, held: int, db: BaseDatabaseWrapper) -> None:
             with db.cursor() as cursor:
                 cursor.execute(_statements(db.vendor).update_any,
                                [*_values(log, _COMPLETION_VALUES, False, db), log.request_id])
-        if charge and log.token_id is not None:
-            budget_settle(token_id=log.token_id, micros=charge)
+        if charge:
+            budget_adjust(log, micros=charge)
 
 
 def _columns(rows: list[list[Any]]) -> list[list[Any]]:

@@ -139,8 +139,8 @@ class UsageWriters:
 
 
 def _together(log: UsageLog, held: int) -> bool:
-    """Whether the row can go in a batch: written pending, and nothing of its hold to give back."""
-    return not log._state.adding and held <= log.cost_micros
+    """Whether the row can go in a batch: written pending, and its hold (if any) exactly its cost."""
+    return not log._state.adding and (not held or held == log.cost_micros)
 
 
 def _write_completions(items: list[Completion]) -> None:

@@ -11,6 +11,7 @@ from typing import Any, cast
 from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -21,6 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from gateway.auth import ApiAccess
+from gateway.balance import subscription, usage
 from gateway.exception_handlers import error_response
 from gateway.hosting import image_open
 from gateway.metrics import metrics_text
@@ -133,6 +135,22 @@ class ModelListApi(GatewayApi):
         names = sorted(name for name in served_model_names(access.config) if name != "*" and access.token.allows(name))
         return Response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "openopen8"} for name in names]})
+
+
+class BillingSubscriptionApi(GatewayApi):
+    """The calling key's limit, as OpenAI's legacy billing API gave it."""
+
+    def get(self, request: Request) -> Response:
+        return Response(subscription(cast(ApiAccess, request.auth).token))
+
+
+class BillingUsageApi(GatewayApi):
+    """What the calling key spent between two dates, as OpenAI's legacy billing API gave it."""
+
+    def get(self, request: Request) -> Response:
+        params = request.query_params
+        return Response(usage(cast(ApiAccess, request.auth).token, start_date=params.get("start_date"),
+                              end_date=params.get("end_date"), today=timezone.now().date()))
 
 
 def json_only(*methods: str) -> Callable[[View], View]:

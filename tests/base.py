@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from django.test import TestCase
+import requests
+from django.core.servers.basehttp import ThreadedWSGIServer
+from django.test import LiveServerTestCase, TestCase
 from django.test.client import Client
+from django.test.testcases import LiveServerThread
 
 from tests.factories import make_token
 
@@ -58,3 +62,37 @@ class ApiTestCase(TestCase):
 
     def generate(self, body: Any, key: str | None = "default") -> Any:
         return post_json(self.client, "/v1/images/generations", body, self.key if key == "default" else key)
+
+
+class _BacklogServer(ThreadedWSGIServer):
+    request_queue_size = 128  # Django's 10 resets connections when dozens of clients connect at once
+
+
+class _BacklogThread(LiveServerThread):
+    server_class = _BacklogServer
+
+
+class ConcurrentLiveServerTestCase(LiveServerTestCase):
+    """A live server that takes dozens of simultaneous connections, for concurrency tests."""
+
+    server_thread_class = _BacklogThread
+
+
+def post_at_once(url: str, body: Any, keys: list[str]) -> list[requests.Response]:
+    """POST ``body`` to ``url`` once for each key, every request released at the same moment; the answers in the
+    order they came."""
+    answers: list[requests.Response] = []
+    lock, barrier = threading.Lock(), threading.Barrier(len(keys))
+
+    def one(key: str) -> None:
+        barrier.wait()
+        answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=one, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from datetime import datetime
 from decimal import Decimal
 from importlib import import_module
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from channels.models import Channel
-from gateway.models import ApiToken, Price, UsageLog, to_micros
+from gateway.models import EPOCH, ApiToken, Price, UsageLog, to_micros
 from gateway.services import token_create
 
 
@@ -44,6 +45,23 @@ def restore_default_prices() -> None:
     """The prices the migrations install; transactional test cases empty every table after each test."""
     for model, size, quality, usd in import_module("gateway.migrations.0002_default_prices").DEFAULT_PRICES:
         make_price(model=model, size=size, quality=quality, usd=usd)
+    for model, text, cached, image, output in import_module(
+            "gateway.migrations.0008_gpt_image_token_prices").TOKEN_PRICES:
+        make_token_price(model=model, text_input=text, cached_input=cached, image_input=image, image_output=output)
+
+
+def make_token_price(*, model: str, text_input: str = "0", image_input: str = "0", cached_input: str | None = None,
+                     image_output: str = "0", text_output: str | None = None, ceiling: str | None = None,
+                     size: str = "", quality: str = "", effective_from: datetime | None = None) -> Price:
+    """A price by tokens: USD per 1M tokens of each kind."""
+    rates = {"usd_per_1m_text_input": Decimal(text_input), "usd_per_1m_image_input": Decimal(image_input),
+             "usd_per_1m_cached_input": None if cached_input is None else Decimal(cached_input),
+             "usd_per_1m_image_output": Decimal(image_output),
+             "usd_per_1m_text_output": None if text_output is None else Decimal(text_output),
+             "ceiling_usd_per_image": None if ceiling is None else Decimal(ceiling), "usd_per_image": Decimal(0)}
+    price, _ = Price.objects.update_or_create(model=model, size=size, quality=quality,
+                                              effective_from=effective_from or EPOCH, defaults=rates)
+    return price
 
 
 def make_usage_log(**fields: Any) -> UsageLog:

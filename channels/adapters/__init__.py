@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.utils.module_loading import import_string
@@ -93,4 +94,22 @@ def call(target: ChannelTarget, req: ImageRequest, *, timeout: float) -> tuple[I
         raise errors[0]
     first = results[0][0]
     data = [image for result, _ in results for image in result.data]
-    return ImagesResponse(first.created, data, first.extra), max(latency for _, latency in results)
+    extra = dict(first.extra)
+    usages = [result.extra["usage"] for result, _ in results if isinstance(result.extra.get("usage"), dict)]
+    if usages:  # the request's usage is every call's that delivered, as one call for all of n would report it
+        extra["usage"] = _summed(usages)
+    return ImagesResponse(first.created, data, extra), max(latency for _, latency in results)
+
+
+def _summed(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI ``usage`` objects added up: counts summed, nested details too; other values from the first."""
+    total: dict[str, Any] = {}
+    for usage in usages:
+        for key, value in usage.items():
+            if isinstance(value, dict):
+                total[key] = _summed([total[key], value]) if isinstance(total.get(key), dict) else dict(value)
+            elif isinstance(value, int) and not isinstance(value, bool) and isinstance(total.get(key, 0), int):
+                total[key] = total.get(key, 0) + value
+            else:
+                total.setdefault(key, value)
+    return total

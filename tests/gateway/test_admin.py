@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 from django.contrib.auth.models import User
 from django.test import TestCase
 
 from channels.models import Channel
-from gateway.models import ApiToken
+from gateway.models import ApiToken, TokenGroup
 from tests.base import post_json
 from tests.factories import make_channel, make_token, make_usage_log
 
@@ -141,3 +142,26 @@ class AdminTests(TestCase):
         html = self.client.get("/admin/gateway/price/").content.decode()
         self.assertIn("dall-e-3", html)
         self.assertIn("0.120000", html)
+        self.assertIn("gpt-image-1.5", html)  # priced by tokens out of the box
+        self.assertIn("32.000000", html)
+
+    def test_a_group_and_a_renewing_budget_are_set_from_the_console_and_show_what_is_left(self) -> None:
+        r = self.client.post("/admin/gateway/tokengroup/add/", {"name": "acme", "budget": "20",
+                                                                 "budget_period": "month", "multiplier": "1.25"})
+        self.assertEqual(r.status_code, 302, r.content[:2000])
+        group = TokenGroup.objects.get()
+        self.assertEqual((group.budget_micros, group.budget_period, group.multiplier), (20_000_000, "month",
+                                                                                     Decimal("1.25")))
+        token, _key = make_token(name="acme-ci")
+        r = self.client.post(f"/admin/gateway/apitoken/{token.pk}/change/", {
+            "name": "acme-ci", "enabled": "on", "budget": "3", "budget_period": "day", "group": group.pk,
+            "allowed_models": ""})
+        self.assertEqual(r.status_code, 302, r.content[:2000])
+        token.refresh_from_db()
+        ApiToken.objects.filter(pk=token.pk).update(spent_micros=1_250_000, period_key=token.current_period())
+        html = self.client.get("/admin/gateway/apitoken/").content.decode()
+        self.assertIn("3.0000 / daily (UTC)", html)
+        self.assertIn("1.7500", html)  # left today
+        self.assertIn("acme", html)
+        groups = self.client.get("/admin/gateway/tokengroup/").content.decode()
+        self.assertIn("20.0000 / monthly (UTC, from the 1st)", groups)

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-import requests
 from django.test import LiveServerTestCase
 
 from gateway.models import ApiToken, UsageLog
-from tests.base import ApiTestCase, assert_openai_error
+from tests.base import ApiTestCase, assert_openai_error, post_at_once
 from tests.factories import make_channel, make_price, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream
 
@@ -91,25 +89,13 @@ class ConcurrentBudgetTests(LiveServerTestCase):
     def test_a_budget_for_five_images_yields_exactly_five_under_24_concurrent_requests(self) -> None:
         restore_default_prices()
         token, key = make_token(budget="0.08")  # dall-e-2 256x256 costs 0.016: exactly five images
-        results: list[Any] = []
         with FakeUpstream() as up:
             up.respond(200, openai_images(1), delay=0.2)
             make_channel(base_url=up.url, models="dall-e-2")
-            barrier = threading.Barrier(24)
-
-            def one() -> None:
-                barrier.wait()
-                r = requests.post(f"{self.live_server_url}/v1/images/generations", timeout=60,
-                                  headers={"Authorization": f"Bearer {key}"},
-                                  json={"model": "dall-e-2", "prompt": "a", "size": "256x256",
-                                        "response_format": "b64_json"})
-                results.append((r.status_code, r.json()))
-
-            threads = [threading.Thread(target=one) for _ in range(24)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            answers = post_at_once(f"{self.live_server_url}/v1/images/generations",
+                                   {"model": "dall-e-2", "prompt": "a", "size": "256x256",
+                                    "response_format": "b64_json"}, [key] * 24)
+        results = [(answer.status_code, answer.json()) for answer in answers]
         statuses = sorted(status for status, _ in results)
         self.assertEqual(statuses, [200] * 5 + [429] * 19, results)
         refusals = [body["error"]["code"] for status, body in results if status == 429]

@@ -30,12 +30,14 @@ class JournalTests(TransactionTestCase):
         data = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, data)
         self.enterContext(override_settings(DATA_DIR=Path(data)))
+        # Rows an earlier test left parked belong to that test's journal, not this one's.
+        self.enterContext(mock.patch("gateway.journal._own", None))
 
     def delivered(self, token: ApiToken, request_id: str) -> UsageLog:
         """A request of two images held, one delivered (16,000 µUSD), as its completion leaves it."""
         log = usage_new(token=token, endpoint="generations", request_id=request_id)
         usage_body(log, {"prompt": "a"})
-        usage_insert_holding(log, token_id=token.pk, micros=32000)
+        usage_insert_holding(log, micros=32000)
         log.status, log.http_status, log.images_returned = UsageLog.Status.SUCCESS, 200, 1
         log.cost_micros, log.completed_at, log.reserved_micros = 16000, timezone.now(), 0
         log.attempts = [{"channel": 1, "name": "c", "outcome": "ok", "latency_ms": 5}]

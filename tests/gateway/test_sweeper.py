@@ -16,9 +16,9 @@ class SweeperTests(TestCase):
     def test_an_abandoned_request_is_failed_and_refunded_once(self) -> None:
         token, _ = make_token(budget="1")
         ApiToken.objects.filter(pk=token.pk).update(spent_micros=60000)
-        stale = make_usage_log(token=token, status="pending", reserved_micros=40000,
+        stale = make_usage_log(token=token, status="pending", reserved_micros=40000, budget_period=0,
                                created_at=timezone.now() - timedelta(hours=1))
-        fresh = make_usage_log(token=token, status="pending", reserved_micros=20000)
+        fresh = make_usage_log(token=token, status="pending", reserved_micros=20000, budget_period=0)
         self.assertEqual(usage_sweep(), 1)
         self.assertEqual(usage_sweep(), 0)
         stale.refresh_from_db()

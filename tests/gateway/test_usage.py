@@ -98,7 +98,7 @@ class UsageRowTests(TransactionTestCase):
         usage_body(log, {"prompt": "a"})
         with answer_lost_after_commit():
             with self.assertLogs("gateway.usage", "WARNING") as logs:
-                usage_insert_holding(log, token_id=token.pk, micros=32000)
+                usage_insert_holding(log, micros=32000)
         self.assertIn("committed though its answer was lost", logs.output[0])
         self.assertEqual(spent(token), 32000)  # the hold is there, once
         completed(log, images=1)
@@ -111,7 +111,7 @@ class UsageRowTests(TransactionTestCase):
 def held_row(token: ApiToken, request_id: str, *, hold: int) -> UsageLog:
     log = usage_new(token=token, endpoint="generations", request_id=request_id)
     usage_body(log, {"prompt": "a"})
-    usage_insert_holding(log, token_id=token.pk, micros=hold)
+    usage_insert_holding(log, micros=hold)
     return log
 
 
@@ -154,7 +154,7 @@ class CompletionRetryTests(TransactionTestCase):
         self.token, _key = make_token(budget="1.00")
         self.log = usage_new(token=self.token, endpoint="generations", request_id="req_retry")
         usage_body(self.log, {"prompt": "a"})
-        usage_insert_holding(self.log, token_id=self.token.pk, micros=32000)  # two images held
+        usage_insert_holding(self.log, micros=32000)  # two images held
         self.log.status, self.log.http_status, self.log.images_returned = UsageLog.Status.SUCCESS, 200, 1
         self.log.cost_micros, self.log.completed_at = 16000, timezone.now()
         self.log.reserved_micros = 0  # as the request path leaves it: what was not delivered is refunded
@@ -216,7 +216,7 @@ class CompletionBatchTests(TransactionTestCase):
         log = usage_new(token=self.token, endpoint="generations", request_id=request_id)
         usage_body(log, {"prompt": "a"})
         if hold:
-            usage_insert_holding(log, token_id=self.token.pk, micros=hold)
+            usage_insert_holding(log, micros=hold)
         else:
             usage_insert(log)
         return log
