@@ -207,17 +207,20 @@ class Charge:
     by_tokens: bool
 
 
-def charge_micros(row: PriceRow | None, *, images: int, tokens: Tokens | None) -> Charge:
+def charge_micros(row: PriceRow | None, *, images: int, tokens: Tokens | None, size: str | None = None,
+                  quality: str | None = None) -> Charge:
     """What delivered images cost: by the provider's token usage where the row is priced by tokens and the answer
-    reported usage; else per image (a token-priced row without a per-image figure then charges its ceiling)."""
+    reported usage; else per image (a token-priced row without a per-image figure then charges what it holds for an
+    image's output: its ceiling, else OpenAI's table at the image output rate)."""
     if row is None or images <= 0:
         return Charge(0, False)
     if by_tokens(row) and tokens is not None:
         return Charge(token_micros(row, tokens), True)
-    per_image = row.usd_per_image
-    if by_tokens(row) and not per_image and row.ceiling_usd_per_image is not None:
-        per_image = row.ceiling_usd_per_image
-    return Charge(_micros(per_image * 1_000_000) * images, False)
+    per_image = row.usd_per_image * 1_000_000
+    if by_tokens(row) and not per_image:
+        per_image = (row.ceiling_usd_per_image * 1_000_000 if row.ceiling_usd_per_image is not None
+                     else output_tokens_ceiling(size, quality) * _rate(row, "usd_per_1m_image_output"))
+    return Charge(_micros(per_image) * images, False)
 
 
 def with_multiplier(micros: int, multiplier: Decimal) -> int:

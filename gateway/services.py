@@ -171,7 +171,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                                   attempts=attempts, files_url=files_url, end_user_id=_end_user_id(token, targets),
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
         tokens = tokens_from_usage(result.extra.get("usage"))
-        charge = charge_micros(row, images=len(result.data), tokens=tokens)
+        charge = charge_micros(row, images=len(result.data), tokens=tokens, size=req.size, quality=req.quality)
         usage_succeed(log, images=len(result.data), cost_micros=with_multiplier(charge.micros, multiplier),
                       tokens=tokens)
         if client is not None and client.gone():

@@ -120,6 +120,16 @@ class TokenPriceTests(ApiTestCase):
         self.assertEqual(self.spent(token), 40000)
         self.assertIsNone(UsageLog.objects.get().output_image_tokens)
 
+    def test_an_answer_without_usage_on_a_row_with_only_token_rates_costs_an_images_output_by_the_table(self) -> None:
+        make_token_price(**FLARE)
+        token, key = make_token(budget="5")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, models="gpt-image-2.6-flare")
+            self.generate({"model": "gpt-image-2.6-flare", "prompt": "x", "quality": "medium",
+                           "size": "1536x1024"}, key=key)
+        self.assertEqual(self.spent(token), 1568 * 30)
+
     def test_the_gpt_image_models_are_priced_by_tokens_out_of_the_box(self) -> None:
         from tests.factories import restore_default_prices
 
