@@ -5,11 +5,9 @@ from decimal import Decimal
 from typing import Any
 from unittest import mock
 
-from django.test import LiveServerTestCase
-
 from gateway.billing import budget_adjust
 from gateway.models import ApiToken, Period, TokenGroup, UsageLog, period_key
-from tests.base import ApiTestCase, assert_openai_error, post_at_once
+from tests.base import ApiTestCase, ConcurrentLiveServerTestCase, assert_openai_error, post_at_once
 from tests.factories import make_channel, make_price, make_token, openai_images
 from tests.fake_upstream import FakeUpstream
 
@@ -97,7 +95,7 @@ class GroupTests(ApiTestCase):
                          (0, 0))
 
 
-class ConcurrentGroupTests(LiveServerTestCase):
+class ConcurrentGroupTests(ConcurrentLiveServerTestCase):
     def test_a_group_budget_for_five_images_yields_exactly_five_across_its_tokens_under_24_requests(self) -> None:
         make_price(model="dall-e-2", size="256x256", usd="0.016")
         group = TokenGroup.objects.create(name="team", budget_micros=80000, budget_period=Period.MONTH)

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.test import LiveServerTestCase
-
 from gateway.models import ApiToken, UsageLog
-from tests.base import ApiTestCase, assert_openai_error, post_at_once
+from tests.base import ApiTestCase, ConcurrentLiveServerTestCase, assert_openai_error, post_at_once
 from tests.factories import make_channel, make_price, make_token, openai_images, restore_default_prices
 from tests.fake_upstream import FakeUpstream
 
@@ -85,7 +83,7 @@ class BudgetTests(ApiTestCase):
         self.assertEqual(self.spent(token), 20000)
 
 
-class ConcurrentBudgetTests(LiveServerTestCase):
+class ConcurrentBudgetTests(ConcurrentLiveServerTestCase):
     def test_a_budget_for_five_images_yields_exactly_five_under_24_concurrent_requests(self) -> None:
         restore_default_prices()
         token, key = make_token(budget="0.08")  # dall-e-2 256x256 costs 0.016: exactly five images
