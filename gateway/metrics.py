@@ -32,6 +32,9 @@ PROVIDER_SECONDS = Histogram("openopen8_provider_duration_seconds", "Time the an
                              ["channel"], buckets=LATENCY_BUCKETS, registry=_registry)
 PROVIDER_ERRORS = Counter("openopen8_provider_errors", "Failed provider attempts by channel and error code.",
                           ["channel", "code"], registry=_registry)
+FIRST_EVENT_SECONDS = Histogram("openopen8_stream_first_event_seconds",
+                                "Time from a streamed request's arrival to its first image event.", ["endpoint"],
+                                buckets=LATENCY_BUCKETS, registry=_registry)
 BUDGET_REFUSALS = Counter("openopen8_budget_refusals", "Requests refused because the key's budget was spent.",
                           registry=_registry)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -43,6 +46,10 @@ KNOWN_CODES = frozenset({
     "billing_hard_limit_reached", "request_too_large", "service_unavailable", "server_error", "unsupported_value",
     "invalid_image", "image_too_large", "organization_verification_required",
 }) | REFUSAL_CODES
+
+
+def record_first_event(endpoint: str, seconds: float) -> None:
+    FIRST_EVENT_SECONDS.labels(endpoint).observe(seconds)
 
 
 def record_request(log: UsageLog) -> None:

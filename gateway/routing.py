@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from django.conf import settings
@@ -70,11 +70,14 @@ def release_database() -> None:
         connection.close()
 
 
-def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str,
-             timeout: float) -> tuple[ImagesResponse, int]:
+Call = Callable[..., tuple[ImagesResponse, int]]  # adapters.call's signature: (target, req, *, timeout)
+
+
+def _attempt(target: ChannelTarget, req: ImageRequest, *, files_url: str, timeout: float,
+             call: Call) -> tuple[ImagesResponse, int]:
     """One channel, start to finish: its images delivered as the client asked, and the provider's latency."""
     release_database()
-    result, provider_ms = adapters.call(target, req, timeout=timeout)
+    result, provider_ms = call(target, req, timeout=timeout)
     if not result.data:
         raise UpstreamError("The provider returned no images.", channel_fault=True)
     result = ImagesResponse(result.created, result.data[: req.n], result.extra)
@@ -122,7 +125,8 @@ def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
 
 
 def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: dict[int, CircuitView],
-                 attempts: list[Attempt], files_url: str, deadline: float, end_user_id: str = "") -> ImagesResponse:
+                 attempts: list[Attempt], files_url: str, deadline: float, end_user_id: str = "",
+                 call: Call = adapters.call) -> ImagesResponse:
     """The client's images from the first channel of ``targets`` that delivers them, skipping those whose circuit
     is open; every channel tried is appended to ``attempts``.
 
@@ -130,7 +134,7 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
     ``ServiceUnavailable`` when every channel failed; ``RateLimited`` (429) with ``Retry-After`` when the channels
     are at their limits, ``ServiceUnavailable`` (503) with ``Retry-After`` when they are cooling down after faults;
     ``UpstreamTimeout`` when the deadline (monotonic) passes. ``end_user_id`` is what a channel that sends the
-    token's id as the end user sends.
+    token's id as the end user sends. ``call`` makes one channel's call (a stream's relays events as they come).
     """
     state, max_attempts = shared_state(), settings.OPENOPEN8_MAX_ATTEMPTS
     now = time.time()
@@ -157,7 +161,7 @@ def images_route(req: ImageRequest, targets: list[ChannelTarget], *, circuits: d
             started = time.monotonic()
             try:
                 result, provider_ms = _attempt(target, dispatch.with_end_user(req, target, token_id=end_user_id),
-                                               files_url=files_url, timeout=timeout)
+                                               files_url=files_url, timeout=timeout, call=call)
             except GatewayError as error:
                 attempts.append(_record(target, req, started, error=error))
                 retry_with, error = _after_failure(state, target, view, error)

@@ -18,22 +18,23 @@ from gateway import dispatch
 from gateway.cache import ConfigSnapshot
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key
-from gateway.pricing import Ask, charge_micros, hold_micros, tokens_from_usage, with_multiplier
+from gateway.pricing import Ask, hold_micros, with_multiplier
 from gateway.routing import images_route, release_database
 from gateway.selectors import channel_targets_for, price_for
 from gateway.state import LeaseAsk, Window, admitted, lease_ttl, shared_state
+from gateway.streaming import StreamAnswer
 from gateway.uploads import attach_inputs, from_json, from_multipart
 from gateway.usage import (
     Attempt,
     usage_body,
     usage_close,
+    usage_delivered,
     usage_departed,
     usage_describe,
     usage_fail,
     usage_inputs,
     usage_new,
     usage_price,
-    usage_succeed,
 )
 from gateway.usage_sql import usage_insert, usage_insert_holding
 from gateway.usage_writers import usage_complete
@@ -131,7 +132,7 @@ def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
 
 
 def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, read: Callable[[], tuple[Any, Any]],
-                  request_id: str, files_url: str, client: ClientConnection | None = None) -> JSONDict:
+                  request_id: str, files_url: str, client: ClientConnection | None = None) -> JSONDict | StreamAnswer:
     """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
 
     ``read`` reads and parses the body: the fields, and a multipart request's files (``None`` for JSON). It is
@@ -141,6 +142,9 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     ``InsufficientQuota`` (429), or the provider's mapped error. Whatever happens, one usage row records it, nothing
     is charged for images that were not delivered, and temporary files are closed.
 
+    With ``stream: true`` the answer is a ``StreamAnswer`` (gateway/streaming.py) once the pending row is written:
+    it tries the channels itself, and completes the row when the stream ends.
+
     ``client`` is the client's connection, where the server can tell whether it went away: a client that left before
     its images were ready, or before the answer reached it, is recorded on the row, and charged or not as
     OPENOPEN8_CHARGE_DEPARTED_CLIENTS says (the provider made, and billed, those images). A successful row is then
@@ -149,6 +153,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     started = time.monotonic()
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id)
     attempts: list[Attempt] = []
+    streamed: StreamAnswer | None = None
     try:
         with ExitStack() as stack:
             stack.enter_context(token_slot(token))
@@ -167,13 +172,19 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                 _write_pending(log, hold=with_multiplier(hold_micros(row, ask), multiplier))
             else:
                 _write_pending(log, hold=0)
+            if req.stream:
+                streamed = StreamAnswer(req=req, targets=targets, config=config, log=log, row=row,
+                                        multiplier=multiplier, files_url=files_url, started=started,
+                                        end_user_id=_end_user_id(token, targets), attempts=attempts,
+                                        stack=stack.pop_all())
+                streamed.start()
+                release_database()
+                return streamed
             result = images_route(req, targets, circuits=config.circuits_for([t.id for t in targets]),
                                   attempts=attempts, files_url=files_url, end_user_id=_end_user_id(token, targets),
                                   deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
-        tokens = tokens_from_usage(result.extra.get("usage"))
-        charge = charge_micros(row, images=len(result.data), tokens=tokens, size=req.size, quality=req.quality)
-        usage_succeed(log, images=len(result.data), cost_micros=with_multiplier(charge.micros, multiplier),
-                      tokens=tokens)
+        usage_delivered(log, row=row, multiplier=multiplier, images=len(result.data), usage=result.extra.get("usage"),
+                        size=req.size, quality=req.quality)
         if client is not None and client.gone():
             usage_departed(log, UsageLog.ClientGone.BEFORE)
         return result.to_dict()
@@ -188,13 +199,14 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
-        held = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
-        record_request(log)
-        # A token without a budget holds nothing and is not written at all: its usage rows are its ledger, so its
-        # requests do not queue on its one row.
-        if not (log.status == UsageLog.Status.SUCCESS and client is not None
-                and client.on_delivery(lambda delivered: _delivered(log, held, delivered))):
-            usage_complete(log, held=held)
+        if streamed is None:  # a stream completes its row itself, when it ends
+            held = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
+            record_request(log)
+            # A token without a budget holds nothing and is not written at all: its usage rows are its ledger, so
+            # its requests do not queue on its one row.
+            if not (log.status == UsageLog.Status.SUCCESS and client is not None
+                    and client.on_delivery(lambda delivered: _delivered(log, held, delivered))):
+                usage_complete(log, held=held)
 
 
 def _delivered(log: UsageLog, held: int, delivered: bool) -> None:

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from gateway.billing import holds_for
 from gateway.models import ApiToken, Price, UsageLog
-from gateway.pricing import Tokens, unit_prices
+from gateway.pricing import Tokens, charge_micros, tokens_from_usage, unit_prices, with_multiplier
 from openopen8.core.errors import GatewayError
 from openopen8.core.schemas import ImageRequest
 
@@ -93,6 +93,15 @@ def usage_succeed(log: UsageLog, *, images: int, cost_micros: int, tokens: Token
         (log.input_text_tokens, log.input_image_tokens, log.cached_input_tokens, log.output_image_tokens,
          log.output_text_tokens) = tokens.as_tuple()
     log.status, log.http_status = UsageLog.Status.SUCCESS, 200
+
+
+def usage_delivered(log: UsageLog, *, row: Price | None, multiplier: Decimal, images: int, usage: Any,
+                    size: str | None, quality: str | None) -> None:
+    """The request delivered ``images``, with the provider's ``usage`` (or none): charged by the price row, by
+    tokens where it prices them, times the group's multiplier."""
+    tokens = tokens_from_usage(usage)
+    charge = charge_micros(row, images=images, tokens=tokens, size=size, quality=quality)
+    usage_succeed(log, images=images, cost_micros=with_multiplier(charge.micros, multiplier), tokens=tokens)
 
 
 def usage_departed(log: UsageLog, when: str) -> None:

@@ -9,7 +9,15 @@ from functools import cache, wraps
 from typing import Any, cast
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    QueryDict,
+    StreamingHttpResponse,
+)
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -30,6 +38,7 @@ from gateway.parsers import StrictJSONParser
 from gateway.selectors import served_model_names
 from gateway.services import images_create
 from gateway.state import shared_state
+from gateway.streaming import StreamAnswer
 from openopen8.client import ClientConnection
 from openopen8.core.errors import AuthenticationError, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
@@ -95,7 +104,7 @@ class GatewayApi(APIView):
 class ImagesApi(GatewayApi):
     endpoint: str  # generations, edits or variations, set by each subclass
 
-    def post(self, request: Request) -> Response:
+    def post(self, request: Request) -> HttpResponseBase:
         access = cast(ApiAccess, request.auth)  # HasApiToken lets no request through without one
 
         def read() -> tuple[Any, Any]:
@@ -108,7 +117,15 @@ class ImagesApi(GatewayApi):
         result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, read=read,
                                request_id=self.request_id, files_url=files_url(request),
                                client=ClientConnection(request.META))
-        return Response(result)
+        if not isinstance(result, StreamAnswer):
+            return Response(result)
+        error = result.first_error(settings.OPENOPEN8_STREAM_KEEPALIVE)
+        if error is not None:  # nothing streamed yet: the client gets the error as any request would
+            raise error
+        response = StreamingHttpResponse(result, content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx and its kind pass each event on at once
+        return response
 
 
 class ImageGenerationApi(ImagesApi):

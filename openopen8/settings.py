@@ -80,6 +80,9 @@ OPENOPEN8_BREAKER_COOLDOWN = envfloat("OPENOPEN8_BREAKER_COOLDOWN", "30")
 OPENOPEN8_BREAKER_MAX_COOLDOWN = envfloat("OPENOPEN8_BREAKER_MAX_COOLDOWN", "600")
 # Longest a client request may take in all, failovers and downloads included.
 OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
+# A streamed answer sends an SSE comment this often (seconds) while no event is ready, so proxies and CDNs that cut
+# silent connections keep it; an error within the first such wait is still answered as a plain JSON error.
+OPENOPEN8_STREAM_KEEPALIVE = envfloat("OPENOPEN8_STREAM_KEEPALIVE", "15")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # How long past the request deadline a pending row is left before the sweeper counts it abandoned (seconds).

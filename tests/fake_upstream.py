@@ -24,7 +24,27 @@ from typing import Any
 
 from PIL import Image
 
-Body = bytes | str | dict[str, Any] | list[Any]
+
+@dataclass
+class EventStream:
+    """A streamed answer: server-sent events as OpenAI sends them (``event:`` and ``data:`` lines), each after its
+    delay in seconds; ``cut`` drops the connection after that many events. ``sent_at`` records when each went out
+    (time.monotonic)."""
+
+    events: list[tuple[float, dict[str, Any]]]
+    cut: int | None = None
+    chunked: bool = False  # Transfer-Encoding: chunked, as OpenAI's servers send it; else the connection's end
+    sent_at: list[float] = field(default_factory=list)
+
+    def frames(self) -> Any:
+        for index, (delay, event) in enumerate(self.events):
+            if self.cut is not None and index == self.cut:
+                return
+            time.sleep(delay)
+            yield index, f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+Body = bytes | str | dict[str, Any] | list[Any] | EventStream
 
 
 @dataclass
@@ -166,6 +186,27 @@ class FakeUpstream:
                 self.connection.close()
                 self.close_connection = True
 
+            def _stream(self, stream: EventStream) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                if stream.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Connection", "close")  # the body ends when the connection does
+                    self.close_connection = True
+                self.end_headers()
+                try:
+                    for _index, data in stream.frames():
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if stream.chunked else data)
+                        self.wfile.flush()
+                        stream.sent_at.append(time.monotonic())
+                    if stream.cut is not None:
+                        self._reset()
+                    elif stream.chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the gateway went away
+                    pass
+
             def do_POST(self) -> None:
                 rec = self._record()
                 script = fake._next()
@@ -175,6 +216,9 @@ class FakeUpstream:
                 if isinstance(body, tuple):
                     status, body = body
                 headers = {"Content-Type": "application/json", **script.headers}
+                if isinstance(body, EventStream):
+                    self._stream(body)
+                    return
                 if isinstance(body, (dict, list)):
                     body = json.dumps(body)
                 if isinstance(body, str):

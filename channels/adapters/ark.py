@@ -28,6 +28,7 @@ class Config:
 
 
 class ArkAdapter(OpenAICompatibleAdapter):
+    streams = False  # Ark streams events of its own shape; the gateway makes OpenAI's from its answer
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 14
     file_fields = frozenset({"image"})

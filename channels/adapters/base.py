@@ -83,6 +83,9 @@ class Adapter:
     file_fields: ClassVar[frozenset[str]] = frozenset({"image", "mask", "markup"})
     # How a request travels. Only the placeholder, which has no provider to call, replaces it.
     transport = staticmethod(http.send)
+    # Whether the provider streams OpenAI's image events when asked (``stream: true``); the others' images are
+    # turned into events by the gateway when they are ready.
+    streams: ClassVar[bool] = False
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Any:

@@ -31,6 +31,7 @@ def malformed(why: str) -> UpstreamError:
 
 
 class OpenAICompatibleAdapter(Adapter):
+    streams = True
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:

@@ -59,6 +59,7 @@ def render(req: UpstreamRequest, *, timeout: float, connect_timeout: float | Non
 
 
 class PlaceholderAdapter(OpenAICompatibleAdapter):
+    streams = False
     needs_base_url: ClassVar[bool] = False
     transport = staticmethod(render)
 

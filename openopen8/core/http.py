@@ -7,6 +7,7 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -26,7 +27,7 @@ from openopen8.core.http_pool import BlockedAddress, TooManyRedirects, open_stre
 from openopen8.core.multipart import CHUNK, MultipartBody, UploadPart
 from openopen8.core.schemas import JSONDict
 
-__all__ = ["UploadPart", "UpstreamRequest", "UpstreamResponse", "fetch", "send"]
+__all__ = ["UploadPart", "UpstreamRequest", "UpstreamResponse", "fetch", "send", "send_events"]
 
 
 CREDENTIAL_HEADER = re.compile(r"(?i)auth|key|token|secret|signature")
@@ -106,7 +107,8 @@ def _broken(error: BaseException, timeout: float, subject: str) -> GatewayError:
 
 
 def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,
-              connect_timeout: float | None = None, **kwargs: Any) -> tuple[BaseHTTPResponse, int]:
+              connect_timeout: float | None = None, reader: Callable[[BaseHTTPResponse], bool] | None = None,
+              **kwargs: Any) -> tuple[BaseHTTPResponse, int]:
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
     connect = min(connect_timeout or settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
@@ -116,7 +118,9 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
         resp = open_stream(method, url, timeout=(connect, timeout), guarded=guarded, **kwargs)
         complete = False
         try:
-            if resp.status == 200 or not guarded:
+            if reader is not None and reader(resp):
+                complete = True
+            elif resp.status == 200 or not guarded:
                 _read(resp, max_bytes, into)
                 complete = True
         finally:
@@ -141,17 +145,69 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
     return resp, int((time.monotonic() - started) * 1000)
 
 
-def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None) -> UpstreamResponse:
-    """Send one provider request; return its answer whatever the status. Raises ``UpstreamTimeout`` or
-    ``UpstreamError`` (channel faults) when there is no complete answer."""
+def _body(req: UpstreamRequest) -> tuple[dict[str, str], MultipartBody | None]:
+    """The request's headers, and its multipart body when it has one (a JSON body goes as ``req.json``)."""
     headers, data = dict(req.headers), None
     if req.files or req.form:
         data = MultipartBody(req.form or {}, req.files)
         headers["Content-Type"] = data.content_type
+    return headers, data
+
+
+def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None) -> UpstreamResponse:
+    """Send one provider request; return its answer whatever the status. Raises ``UpstreamTimeout`` or
+    ``UpstreamError`` (channel faults) when there is no complete answer."""
+    headers, data = _body(req)
     buffer = io.BytesIO()
     resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json_body=req.json, data=data,
                               auth=req.auth, max_bytes=settings.OPENOPEN8_MAX_UPSTREAM_BYTES, into=buffer,
                               connect_timeout=connect_timeout)
+    return UpstreamResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
+                            latency, req.url)
+
+
+def _events(resp: BaseHTTPResponse, max_bytes: int, on_event: Callable[[bytes], None]) -> None:
+    """Read server-sent events, handing each event's data to ``on_event`` as it completes; an event may be
+    megabytes long (a base64 image), so only the event being read is held."""
+    pending, data = bytearray(), bytearray()
+    # read1 returns what has arrived; stream() would wait for a whole chunk, holding small events back.
+    while chunk := resp.read1(CHUNK, decode_content=True):
+        pending += chunk
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end]).rstrip(b"\r")
+            del pending[: end + 1]
+            if not line:
+                if data:
+                    on_event(bytes(data))
+                    data.clear()
+            elif line.startswith(b"data:"):
+                data += (b"\n" if data else b"") + line[5:].removeprefix(b" ")
+        if len(pending) + len(data) > max_bytes:
+            raise UpstreamError(f"An event of the answer is larger than the {max_bytes}-byte cap.",
+                                channel_fault=True)
+    if data:
+        on_event(bytes(data))
+
+
+def send_events(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None,
+                on_event: Callable[[bytes], None]) -> UpstreamResponse:
+    """Send a provider request whose answer may stream: a ``text/event-stream`` answer has each event's data handed
+    to ``on_event`` as it arrives (the returned answer's content is then empty); any other answer is read whole, as
+    ``send`` reads it. ``timeout`` is the longest wait for the next bytes. Raises as ``send`` does, and whatever
+    ``on_event`` raises."""
+    headers, data = _body(req)
+    cap = settings.OPENOPEN8_MAX_UPSTREAM_BYTES
+
+    def reader(resp: BaseHTTPResponse) -> bool:
+        if resp.status != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        _events(resp, cap, on_event)
+        return True
+
+    buffer = io.BytesIO()
+    resp, latency = _exchange(req.method, req.url, timeout=timeout, headers=headers, json_body=req.json, data=data,
+                              auth=req.auth, max_bytes=cap, into=buffer, connect_timeout=connect_timeout,
+                              reader=reader)
     return UpstreamResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
                             latency, req.url)
 

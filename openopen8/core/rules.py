@@ -130,10 +130,13 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
     prompt = _text(body, "prompt") or ""
     if not prompt and endpoint != "variations":
         raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
-    if body.get("stream"):
-        raise _bad("Streaming image responses are not supported by this gateway; omit 'stream'.", "stream",
-                   "unsupported_parameter")
     rule = rule_for(model)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
+    if stream and (endpoint == "variations" or (rule is not None and "partial_images" not in rule["fields"])):
+        raise _bad(f"Streaming is not supported with model '{model}' on image {endpoint}.", "stream",
+                   "unsupported_parameter")
     limits = rule or table["basic"]
     input_rule = limits.get(endpoint) if endpoint != "generations" else None
     if endpoint != "generations" and input_rule is None:
@@ -168,4 +171,4 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
             body.pop("response_format", None)
     body["model"] = model
     return ImageRequest(endpoint=endpoint, model=model, prompt=prompt, n=body["n"], size=size, quality=quality,
-                        response_format=response_format, fields=body, input_rule=input_rule)
+                        response_format=response_format, fields=body, input_rule=input_rule, stream=stream)

@@ -51,6 +51,7 @@ class ImageRequest:
     images: tuple[ImageInput, ...] = ()
     mask: ImageInput | None = None
     markup: ImageInput | None = None
+    stream: bool = False  # answer as server-sent events (gateway/streaming.py)
 
 
 @dataclass(frozen=True)
