@@ -27,7 +27,7 @@ def subscription(token: ApiToken) -> JSONDict:
 
 
 def _day(value: str | None, name: str, default: date) -> date:
-    if not value:
+    if value is None:
         return default
     try:
         return date.fromisoformat(value)
@@ -39,7 +39,8 @@ def usage(token: ApiToken, *, start_date: str | None, end_date: str | None, toda
     """What the key spent from ``start_date`` up to (not including) ``end_date``, UTC days: ``total_usage`` in
     cents and ``daily_costs`` by day and model. Defaults: the last 100 days, today included."""
     end = _day(end_date, "end_date", today + timedelta(days=1))
-    start = _day(start_date, "start_date", end - timedelta(days=USAGE_DAYS_MAX))
+    earliest = end - timedelta(days=USAGE_DAYS_MAX) if end > date.min + timedelta(days=USAGE_DAYS_MAX) else date.min
+    start = _day(start_date, "start_date", earliest)
     if start >= end or (end - start).days > USAGE_DAYS_MAX:
         raise InvalidRequest(f"start_date must come before end_date, at most {USAGE_DAYS_MAX} days apart.",
                              param="start_date")

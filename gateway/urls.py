@@ -12,5 +12,6 @@ urlpatterns = [
     path("models", views.ModelListApi.as_view(), name="models"),
     path("dashboard/billing/subscription", views.BillingSubscriptionApi.as_view(), name="billing-subscription"),
     path("dashboard/billing/usage", views.BillingUsageApi.as_view(), name="billing-usage"),
+    path("openapi.json", views.openapi_description, name="openapi"),
     re_path(r"^(?P<rest>.*)$", views.unknown_api_path),
 ]

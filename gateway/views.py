@@ -6,6 +6,7 @@ import hmac
 import uuid
 from collections.abc import Callable, Iterable
 from functools import cache, wraps
+from pathlib import Path
 from typing import Any, cast
 
 from django.conf import settings
@@ -40,7 +41,7 @@ from gateway.services import images_create
 from gateway.state import shared_state
 from gateway.streaming import StreamAnswer
 from openopen8.client import ClientConnection
-from openopen8.core.errors import AuthenticationError, MethodNotAllowed, NotFound, RequestTooLarge
+from openopen8.core.errors import AuthenticationError, InvalidRequest, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
 from openopen8.readiness import database_status
 
@@ -166,6 +167,10 @@ class BillingUsageApi(GatewayApi):
 
     def get(self, request: Request) -> Response:
         params = request.query_params
+        unknown = sorted(set(params) - {"start_date", "end_date"})
+        if unknown:
+            raise InvalidRequest(f"Unknown parameter '{unknown[0][:40]}': this endpoint takes start_date and end_date.",
+                                 param=unknown[0][:40])
         return Response(usage(cast(ApiAccess, request.auth).token, start_date=params.get("start_date"),
                               end_date=params.get("end_date"), today=timezone.now().date()))
 
@@ -178,8 +183,11 @@ def json_only(*methods: str) -> Callable[[View], View]:
         @wraps(view)
         def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             if methods and request.method not in methods:
-                return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; "
-                                                       f"use {' or '.join(m for m in methods if m != 'HEAD')}."))
+                refused = error_response(MethodNotAllowed(f"Method {request.method} is not allowed for "
+                                                          f"{request.path}; use "
+                                                          f"{' or '.join(m for m in methods if m != 'HEAD')}."))
+                refused["Allow"] = ", ".join(methods)
+                return refused
             return view(request, *args, **kwargs)
 
         return cast(View, csrf_exempt(checked))
@@ -200,6 +208,17 @@ def image_file(request: HttpRequest, name: str) -> FileResponse | JsonResponse:
     # An SVG could carry script: never let it run in the gateway's origin.
     response["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
     return response
+
+
+@cache
+def _openapi() -> bytes:
+    return (Path(__file__).with_name("openapi.json")).read_bytes()
+
+
+@json_only("GET", "HEAD")
+def openapi_description(request: HttpRequest) -> HttpResponse:
+    """The client API in OpenAPI 3.1 (gateway/openapi.json), for anyone: it names no key, channel or model."""
+    return HttpResponse(_openapi(), content_type="application/json")
 
 
 @json_only("GET", "HEAD")

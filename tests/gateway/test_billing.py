@@ -157,10 +157,12 @@ class BalanceEndpointTests(ApiTestCase):
     def test_bad_dates_and_missing_keys_get_openai_errors(self) -> None:
         _t, key = make_token()
         for query in ("start_date=yesterday", "start_date=2026-12-02&end_date=2026-12-01",
-                      "start_date=2026-01-01&end_date=2026-12-01"):
+                      "start_date=2026-01-01&end_date=2026-12-01", "start_date="):
             with self.subTest(query=query):
                 assert_openai_error(self.get(f"/v1/dashboard/billing/usage?{query}", key), 400,
                                     "invalid_request_error", None, "start_date")
+        assert_openai_error(self.get("/v1/dashboard/billing/usage?start_date=2026-12-01&days=3", key), 400,
+                            "invalid_request_error", None, "days")
         assert_openai_error(self.client.get("/v1/dashboard/billing/subscription"), 401, "invalid_request_error",
                             "invalid_api_key")
 
