@@ -123,10 +123,13 @@ class StreamAnswer:
             return adapters.call(target, without_stream(req), timeout=timeout)
 
         def emit(event: JSONDict, raw: bytes) -> None:
-            if str(event.get("type", "")).endswith(".completed"):
+            completed = str(event.get("type", "")).endswith(".completed")
+            if completed:
                 self.completed.append(ImageData(b64_json=event["b64_json"]))
                 if isinstance(event.get("usage"), dict):
                     self.completed_usage.append(event["usage"])
+            if not (completed and self.req.response_format == "url"):  # the raw event is relayed: not its image twice
+                event = {k: v for k, v in event.items() if k != "b64_json"}
             self.relayed += 1
             self._put(("event", event, raw))
 
@@ -187,12 +190,12 @@ class StreamAnswer:
                         continue
                 kind, value, raw = item
                 if kind == "event":
-                    yield self._event(value, raw)
+                    yield from self._event(value, raw)
                 elif kind == "done":
                     done = True
                     if not self.relayed:  # a provider that does not stream: its images become completed events
                         for image in value.data:
-                            yield self._event(self._completed(image, value.extra.get("usage")), b"")
+                            yield from self._event(self._completed(image, value.extra.get("usage")), b"")
                 else:
                     done = True
                     yield frame("error", json.dumps({"type": "error", **value.to_body()}).encode())
@@ -200,7 +203,8 @@ class StreamAnswer:
         finally:
             self.close()
 
-    def _event(self, event: JSONDict, raw: bytes) -> bytes:
+    def _event(self, event: JSONDict, raw: bytes) -> Iterator[bytes]:
+        """An event's frame; a large one in pieces, so its data is not copied into it."""
         if not self.sent_any:
             self.sent_any = True
             record_first_event(self.req.endpoint, time.monotonic() - self.started)
@@ -212,7 +216,11 @@ class StreamAnswer:
                                         response_format="url", files_url=self.files_url,
                                         ttl=settings.OPENOPEN8_IMAGE_TTL, timeout=10)
                 event, raw = {**event, "url": hosted.data[0].url}, b""
-        return frame(kind, raw or json.dumps(event, separators=(",", ":")).encode())
+        data = raw or json.dumps(event, separators=(",", ":")).encode()
+        if len(data) < 65536:
+            yield frame(kind, data)
+        else:
+            yield from (b"event: " + kind.encode() + b"\ndata: ", data, b"\n\n")
 
     def _completed(self, image: ImageData, usage: Any) -> JSONDict:
         """A completed event for an image a provider made whole, with OpenAI's fields."""

@@ -168,25 +168,30 @@ def send(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None 
 
 def _events(resp: BaseHTTPResponse, max_bytes: int, on_event: Callable[[bytes], None]) -> None:
     """Read server-sent events, handing each event's data to ``on_event`` as it completes; an event may be
-    megabytes long (a base64 image), so only the event being read is held."""
-    pending, data = bytearray(), bytearray()
+    megabytes long (a base64 image), so only the event being read is held, and a data line is copied once."""
+    pending, lines, held = bytearray(), list[bytes](), 0
     # read1 returns what has arrived; stream() would wait for a whole chunk, holding small events back.
-    while chunk := resp.read1(CHUNK, decode_content=True):
+    while chunk := resp.read1(CHUNK, decode_content=True) or (b"\n" if pending else b""):  # the last line unended
         pending += chunk
-        while (end := pending.find(b"\n")) >= 0:
-            line = bytes(pending[:end]).rstrip(b"\r")
-            del pending[: end + 1]
-            if not line:
-                if data:
-                    on_event(bytes(data))
-                    data.clear()
-            elif line.startswith(b"data:"):
-                data += (b"\n" if data else b"") + line[5:].removeprefix(b" ")
-        if len(pending) + len(data) > max_bytes:
+        start = 0
+        with memoryview(pending) as view:
+            while (end := pending.find(b"\n", start)) >= 0:
+                stop = end - 1 if end > start and pending[end - 1] == 0x0D else end
+                if stop == start:
+                    if lines:
+                        on_event(lines[0] if len(lines) == 1 else b"\n".join(lines))
+                        lines, held = [], 0
+                elif pending.startswith(b"data:", start):
+                    skip = start + 5 + (stop > start + 5 and pending[start + 5] == 0x20)
+                    lines.append(bytes(view[skip:stop]))
+                    held += stop - skip
+                start = end + 1
+        del pending[:start]
+        if len(pending) + held > max_bytes:
             raise UpstreamError(f"An event of the answer is larger than the {max_bytes}-byte cap.",
                                 channel_fault=True)
-    if data:
-        on_event(bytes(data))
+    if lines:
+        on_event(b"\n".join(lines))
 
 
 def send_events(req: UpstreamRequest, *, timeout: float, connect_timeout: float | None = None,

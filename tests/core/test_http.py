@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import ipaddress
 import json
@@ -167,6 +168,58 @@ class ProviderConnectionTests(ApiTestCase):
             out = subprocess.run([sys.executable, "-c", script], cwd=settings.BASE_DIR, capture_output=True,
                                  text=True, timeout=60, env={**env, "OPENOPEN8_WORKER_CLASS": worker_class})
             self.assertEqual(out.stdout.strip(), f"[200, 200] {loaded}", out.stderr[-2000:])
+
+
+def serve_pieces(pieces: list[bytes]) -> tuple[str, threading.Thread]:
+    """A one-request server answering ``text/event-stream`` in these pieces, a pause between them, then closing."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                         .split(b":")[1])
+            while len(body) < length:  # all of it: closing with bytes unread would reset the connection
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            with contextlib.suppress(OSError):  # a client that refused the answer has hung up
+                for piece in pieces:
+                    conn.sendall(piece)
+                    time.sleep(0.05)
+                conn.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1/images/generations", thread
+
+
+class EventReaderTests(ApiTestCase):
+    def events(self, pieces: list[bytes]) -> list[bytes]:
+        url, thread = serve_pieces(pieces)
+        seen: list[bytes] = []
+        http.send_events(http.UpstreamRequest("POST", url, json={"stream": True}), timeout=5, on_event=seen.append)
+        thread.join(5)
+        return seen
+
+    def test_events_are_read_as_server_sent_events_are_framed_wherever_the_pieces_break(self) -> None:
+        seen = self.events([b": keep-alive\r\n\r\nevent: a\r\ndata: {\"x\":", b"1}\r\n", b"\r\n",
+                            b"data:line1\ndata:  line2\n\nid: 7\n\n", b"data: last"])
+        # A comment or an event without data is nothing; one space after "data:" is not the data's.
+        self.assertEqual(seen, [b'{"x":1}', b"line1\n line2", b"last"])
+
+    def test_a_multi_megabyte_event_arrives_whole(self) -> None:
+        line = b"data: " + b"A" * 3_000_000 + b"\n\n"
+        seen = self.events([line[i:i + 100_000] for i in range(0, len(line), 100_000)])
+        self.assertEqual([len(event) for event in seen], [3_000_000])
+
+    @override_settings(OPENOPEN8_MAX_UPSTREAM_BYTES=2000)
+    def test_an_event_larger_than_the_cap_is_refused_before_it_ends(self) -> None:
+        with self.assertRaisesMessage(UpstreamError, "larger than the 2000-byte cap"):
+            self.events([b"data: " + b"A" * 1500, b"B" * 1500, b"\n\n"])
 
 
 class ImageUrlGuardTests(ApiTestCase):
