@@ -27,6 +27,11 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The official Node SDK for the tests that read streams as Node clients do; without npm those tests skip.
+tests/node/node_modules/.installed: tests/node/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: the Node SDK tests will skip"; fi
+
 $(SECRET_FILE):
 	mkdir -p $(DATA_DIR)
 	umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(50))" > $@
@@ -39,7 +44,7 @@ run: install $(SECRET_FILE)
 	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) OPENOPEN8_BIND=$(BIND) \
 		exec $(BIN)/gunicorn -c gunicorn.conf.py openopen8.wsgi:application
 
-test: lint
+test: lint tests/node/node_modules/.installed
 	$(BIN)/python -m pytest
 
 smoke:

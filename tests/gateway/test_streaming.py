@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
+import subprocess
 import threading
 import time
 from typing import Any
@@ -20,7 +23,7 @@ from gateway.models import ApiToken, UsageLog
 from tests.base import eventually
 from tests.factories import make_channel, make_token, make_token_price, openai_images, png_b64, png_bytes
 from tests.fake_upstream import EventStream, FakeUpstream, Recorded
-from tests.processes import start_gateway
+from tests.processes import ROOT, start_gateway
 
 USAGE = {"input_tokens": 20, "input_tokens_details": {"text_tokens": 20, "image_tokens": 0}, "output_tokens": 1056,
          "total_tokens": 1076}
@@ -199,6 +202,49 @@ class StreamTests(LiveServerTestCase):
         self.assertEqual([e.type for _, e in events], ["image_generation.completed"])
         self.assertEqual(events[0][1].usage.output_tokens, 1056)
         self.assertEqual(UsageLog.objects.get().cost_micros, 20 * 5 + 1056 * 32)
+
+
+NODE_SDK = ROOT / "tests" / "node"
+
+
+class NodeStreamTests(LiveServerTestCase):
+    """The same streams as the official openai Node SDK reads them (tests/node, installed by `make test`)."""
+
+    def setUp(self) -> None:
+        if not shutil.which("node") or not (NODE_SDK / "node_modules" / "openai").is_dir():
+            self.skipTest("node or the openai Node SDK is missing (npm ci --prefix tests/node installs it)")
+        make_token_price(model="gpt-image-1.5", text_input="5", image_input="8", image_output="32")
+        self.token, self.key = make_token(budget="5")
+
+    def node(self, endpoint: str, **fields: Any) -> list[dict[str, Any]]:
+        """What the Node SDK yielded, an event a dict, or one {"error": ...} last if it raised."""
+        ran = subprocess.run(["node", str(NODE_SDK / "stream_images.mjs"), f"{self.live_server_url}/v1", self.key,
+                              endpoint, json.dumps({"model": "gpt-image-1.5", "prompt": "a lighthouse", **fields})],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return [json.loads(line) for line in ran.stdout.splitlines()]
+
+    def test_the_node_sdk_iterates_partial_and_completed_events(self) -> None:
+        with FakeUpstream() as up:
+            up.respond(200, EventStream([(0.0, partial(0)), (0.2, partial(1)), (0.2, completed())]))
+            make_channel(base_url=up.url, models="gpt-image-1.5")
+            events = self.node("generate", partial_images=2)
+        self.assertEqual([e["type"] for e in events], ["image_generation.partial_image"] * 2
+                         + ["image_generation.completed"])
+        self.assertEqual(base64.b64decode(events[2]["b64_json"]), png_bytes(9, 9))
+        self.assertEqual(events[2]["usage"]["output_tokens"], 1056)
+        self.assertEqual(UsageLog.objects.get().cost_micros, 20 * 5 + 1056 * 32)
+
+    def test_the_node_sdk_streams_an_edit_and_raises_the_error_event_of_a_broken_stream(self) -> None:
+        make_channel(kind="placeholder", models="gpt-image-1.5", priority=5)
+        events = self.node("edit", image=png_b64(32, 32))
+        self.assertEqual([e["type"] for e in events], ["image_edit.completed"])
+        with FakeUpstream() as up:
+            up.respond(200, EventStream([(0.0, partial(0)), (0.0, completed())], cut=1))
+            make_channel(base_url=up.url, models="gpt-image-1.5", priority=9)
+            events = self.node("generate", partial_images=1)
+        self.assertEqual(events[0]["type"], "image_generation.partial_image")
+        self.assertEqual(events[1]["error"]["kind"], "APIError")
+        self.assertIn("broke off", events[1]["error"]["message"])
 
 
 class ProductionStreamTests(TransactionTestCase):
