@@ -193,7 +193,8 @@ def gateway_env(port_: int, **env: str) -> dict[str, str]:
             "OPENOPEN8_ACCESS_LOG": "", "OPENOPEN8_LOG_LEVEL": "WARNING", **env}
 
 
-def configure(env: dict[str, str], *, fast: int, slow: int, big: int) -> tuple[str, str]:
+def configure(env: dict[str, str], *, fast: int, slow: int, big: int,
+              streams: tuple[int, int] = (0, 0)) -> tuple[str, str]:
     """Migrate the gateway's database and give it the bench's channels and price; return a key without a budget and
     one with."""
     manage("migrate", "-v0", env=env)
@@ -202,7 +203,9 @@ def configure(env: dict[str, str], *, fast: int, slow: int, big: int) -> tuple[s
     budget_key = manage("createtoken", "bench-budget", "--budget", "1000000", env=env).strip().splitlines()[-1]
     for name, url, models in (("fast", f"http://127.0.0.1:{fast}/v1", "bench-fast,gpt-image-1.5"),
                               ("slow", f"http://127.0.0.1:{slow}/v1", "bench-slow"),
-                              ("big", f"http://127.0.0.1:{big}/v1", "bench-big")):
+                              ("big", f"http://127.0.0.1:{big}/v1", "bench-big"),
+                              ("stream", f"http://127.0.0.1:{streams[0]}/v1", "bench-stream"),
+                              ("stream-big", f"http://127.0.0.1:{streams[1]}/v1", "bench-stream-big")):
         manage("addchannel", name, "--type", "openai", "--base-url", url, "--key", "sk-bench-provider-key",
                "--models", models, env=env)
     manage("shell", "-c", "from gateway.models import Price; Price.objects.create(model='bench-fast', "

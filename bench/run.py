@@ -10,14 +10,18 @@ bench/last-run.md.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import instructions
+import requests
 from harness import (
     BENCH,
     CONNECTIONS,
@@ -58,11 +62,18 @@ def main() -> None:
     nginx(fast, slow)
     start([PY, str(BENCH / "provider.py"), "--port", str(big), "--image-bytes", str(2_300_000)])
     wait_for(big)
+    # Streamed answers: tiny events at once (time to first event), and ~3 MB events 5 s apart (memory a stream).
+    streams = (port(), port())
+    start([PY, str(BENCH / "provider.py"), "--port", str(streams[0]), "--stream", "--delay", "0.01"])
+    start([PY, str(BENCH / "provider.py"), "--port", str(streams[1]), "--stream", "--delay", "5",
+           "--image-bytes", str(2_300_000)])
+    for stream_port in streams:
+        wait_for(stream_port)
 
     fresh_database()
     env = gateway_env(gw, DATABASE_URL=DB_URL, REDIS_URL=REDIS_URL, OPENOPEN8_DATA_DIR=str(work / "data"))
     subprocess.run(["redis-cli", "-u", REDIS_URL, "flushdb"], check=False, capture_output=True)
-    key, budget_key = configure(env, fast=fast, slow=slow, big=big)
+    key, budget_key = configure(env, fast=fast, slow=slow, big=big, streams=streams)
     master = start([str(Path(PY).parent / "gunicorn"), "-c", "gunicorn.conf.py", "openopen8.wsgi:application"],
                    env=env)
     # The embedded default, as `make run` starts it: SQLite and local files, no Redis.
@@ -131,6 +142,7 @@ def main() -> None:
 
     if not QUICK:
         rest(rows, master=master, idle=idle, key=key, gw=gw, slow=slow, env=env)
+        streamed(rows, master=master, key=key, gw=gw, fast=fast, streams=streams)
     report(rows)
 
 
@@ -181,6 +193,75 @@ def rest(rows: list[tuple[str, str, str, str, str]], *, master: subprocess.Popen
         rows.append(("instructions a generation (callgrind)", f"{counted / 1e6:.2f} M",
                      "(in-process through openopen8.wsgi under gevent, without gunicorn; bench/instructions.py)",
                      "-", "-"))
+
+
+def _answered(host_port: int, fields: dict[str, object], key: str | None, *, stream: bool) -> float:
+    """Seconds from sending a request on a new connection to the first bytes of its first event (``stream``), or
+    to the end of its JSON answer. A plain socket: an HTTP client's own buffering would be counted as the gateway's."""
+    body = json.dumps(fields).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", host_port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.monotonic()
+        sock.sendall(head + body)
+        seen = b""
+        while chunk := sock.recv(65536):
+            seen += chunk
+            if b"data:" in seen if stream else b'"data"' in seen and seen.rstrip().endswith(b"}"):
+                if not seen.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(seen[:300].decode(errors="replace"))
+                return time.monotonic() - started
+    raise RuntimeError("no answer came")
+
+
+def streamed(rows: list[tuple[str, str, str, str, str]], *, master: subprocess.Popen[bytes], key: str, gw: int,
+             fast: int, streams: tuple[int, int]) -> None:
+    """Streams through the gateway: the time it adds before the first event, and the memory an open stream of
+    multi-megabyte events holds."""
+    gw_url = f"http://127.0.0.1:{gw}/v1/images/generations"
+    streamed_: dict[str, object] = {"model": "bench-stream", "prompt": "a lighthouse", "stream": True,
+                                    "partial_images": 1}
+    whole: dict[str, object] = {"model": "bench-fast", "prompt": "a lighthouse"}
+
+    def p50(host_port: int, fields: dict[str, object], key_: str | None, stream: bool) -> float:
+        return sorted(_answered(host_port, fields, key_, stream=stream) for _ in range(41))[20] * 1000
+
+    for _ in range(5):  # warm: connections, caches
+        _answered(gw, streamed_, key, stream=True)
+        _answered(gw, whole, key, stream=False)
+    gateway, direct = p50(gw, streamed_, key, True), p50(streams[0], streamed_, None, True)
+    gateway_whole, direct_whole = p50(gw, whole, key, False), p50(fast, whole, None, False)
+    rows.append(("streams: added time to first event, p50, a new connection each", f"{gateway - direct:.2f} ms",
+                 f"(direct {direct:.2f} ms, gateway {gateway:.2f} ms; a whole answer not streamed, measured the same "
+                 f"way, adds {gateway_whole - direct_whole:.2f} ms)", "-", "-"))
+    clients, opened = 50, threading.Barrier(51)
+    before = rss_mb(gateway_processes(master.pid))
+
+    def hold() -> None:
+        with requests.post(gw_url, json={"model": "bench-stream-big", "prompt": "x", "stream": True},
+                           headers={"Authorization": f"Bearer {key}"}, stream=True, timeout=60) as answer:
+            chunks = answer.iter_content(chunk_size=1 << 20)
+            received = 0
+            for chunk in chunks:  # the first event (a ~3 MB partial image) in full
+                received += len(chunk)
+                if received > 3_000_000:
+                    break
+            opened.wait()
+            for _chunk in chunks:
+                pass
+
+    threads = [threading.Thread(target=hold) for _ in range(clients)]
+    with Sampler(master.pid) as sampler:
+        for thread in threads:
+            thread.start()
+        opened.wait()
+        for thread in threads:
+            thread.join()
+    per_stream = (sampler.peak - before) / clients
+    rows.append((f"streams: {clients} open, ~3 MB events", f"+{per_stream:.1f} MB RSS a stream",
+                 f"(peak {sampler.peak:.0f} MB, before {before:.0f} MB)", "-", "-"))
 
 
 def ok(met: bool) -> str:
