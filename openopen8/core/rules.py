@@ -102,6 +102,9 @@ def _text(body: JSONDict, name: str) -> str | None:
 
 
 INT_FIELDS = ("n", "output_compression", "partial_images", "frame_count", "frame_duration_ms")
+# OpenAI's own fields are typed as OpenAI types them whatever the model (a model without a rule included): a
+# provider must not be sent `user: {...}` or `background: true`.
+TEXT_FIELDS = ("user", "background", "moderation", "output_format", "style", "input_fidelity")
 
 
 def from_form(fields: JSONDict) -> JSONDict:
@@ -128,6 +131,11 @@ def check_request(body: JSONDict, *, endpoint: str) -> ImageRequest:
         gpt_only = endpoint == "generations" and any(name in body for name in table["gpt_image_only_fields"])
         model = table["default_gpt_image_model"] if gpt_only else table["default_model"][endpoint]
     prompt = _text(body, "prompt") or ""
+    for name in TEXT_FIELDS:
+        _text(body, name)
+    for name in INT_FIELDS:
+        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int)):
+            raise _bad(f"Invalid type for '{name}': expected an integer.", name, "invalid_type")
     if not prompt and endpoint != "variations":
         raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
     rule = rule_for(model)

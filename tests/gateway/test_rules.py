@@ -50,6 +50,10 @@ def rejects(body: dict[str, Any]) -> InvalidRequest:
     ({"model": "some-model", "prompt": "a", "n": 11}, "n"),
     ({"model": "some-model", "prompt": "a", "response_format": "jpeg"}, "response_format"),
     ({"model": "dall-e-2", "prompt": "a", "stream": True}, "stream"),
+    # OpenAI's own fields keep OpenAI's types on a model without a rule too.
+    ({"model": "some-model", "prompt": "a", "user": {"id": 1}}, "user"),
+    ({"model": "some-model", "prompt": "a", "background": True}, "background"),
+    ({"model": "some-model", "prompt": "a", "output_compression": "90"}, "output_compression"),
 ])
 def test_it_refuses_a_bad_field_and_names_it(body: dict[str, Any], param: str) -> None:
     error = rejects(body)
