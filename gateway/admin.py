@@ -146,7 +146,7 @@ class UsageLogAdmin(admin.ModelAdmin):
     list_filter = ["status", "endpoint", "model", "token", "group", "channel", "client_gone",
                    ("created_at", admin.DateFieldListFilter)]
     list_select_related = ("token", "channel")
-    search_fields = ["request_id", "model", "error_message"]
+    search_fields = ["request_id", "replay_of", "model", "error_message"]
     date_hierarchy = "created_at"
 
     @admin.display(description="cost (USD)")

@@ -291,6 +291,8 @@ class UsageLog(models.Model):
     client_gone = models.CharField("client went away", max_length=20, blank=True, choices=ClientGone.choices,
                                    default=ClientGone.STAYED)
     client_gone_at = models.DateTimeField("client seen gone at", null=True, blank=True)
+    replay_of = models.CharField("repeated the answer of", max_length=40, blank=True,
+                                 help_text="The request whose answer this one got again, by its Idempotency-Key.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -301,3 +303,23 @@ class UsageLog(models.Model):
     @property
     def cost(self) -> Decimal:
         return from_micros(self.cost_micros)
+
+
+class IdempotentRequest(models.Model):
+    """An ``Idempotency-Key`` a token sent: a hash of the request it named and, once that request succeeded, its
+    answer, which a repeat with the same key and content gets instead of new images (gateway/idempotency.py)."""
+
+    token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, related_name="idempotent_requests")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    request_id = models.CharField(max_length=40, help_text="The request that holds the key, or held it.")
+    claimed_at = models.DateTimeField(default=timezone.now)
+    answered_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    answer = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["token", "key"], name="idempotency_key_per_token")]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.request_id})"

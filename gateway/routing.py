@@ -42,10 +42,10 @@ def _all_failed(req: ImageRequest, tried: int, last: GatewayError) -> GatewayErr
     host or channel."""
     message = f"No channel could serve model '{req.model}' ({tried} tried). Last error: {last.message}"
     if isinstance(last, UpstreamTimeout):
-        return UpstreamTimeout(message)
+        return UpstreamTimeout(message, ambiguous=last.ambiguous)
     if isinstance(last, RateLimited):
         return ServiceUnavailable(message, retry_after=last.retry_after)
-    return UpstreamError(message)
+    return UpstreamError(message, ambiguous=last.ambiguous)
 
 
 @contextmanager

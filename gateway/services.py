@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -11,11 +12,20 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, InterfaceError, OperationalError, connections
 
 from channels.adapters import ChannelTarget
 from gateway import dispatch
 from gateway.cache import ConfigSnapshot
+from gateway.idempotency import (
+    Claim,
+    Replay,
+    fingerprint,
+    idempotency_answered,
+    idempotency_claim,
+    idempotency_key,
+    idempotency_release,
+)
 from gateway.metrics import record_request
 from gateway.models import ApiToken, UsageLog, new_key
 from gateway.pricing import Ask, hold_micros, with_multiplier
@@ -35,6 +45,7 @@ from gateway.usage import (
     usage_inputs,
     usage_new,
     usage_price,
+    usage_replayed,
 )
 from gateway.usage_sql import usage_insert, usage_insert_holding
 from gateway.usage_writers import usage_complete
@@ -49,6 +60,8 @@ from openopen8.core.errors import (
 )
 from openopen8.core.rules import check_request
 from openopen8.core.schemas import ImageRequest, JSONDict
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -132,7 +145,8 @@ def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
 
 
 def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, read: Callable[[], tuple[Any, Any]],
-                  request_id: str, files_url: str, client: ClientConnection | None = None) -> JSONDict | StreamAnswer:
+                  request_id: str, files_url: str, client: ClientConnection | None = None,
+                  idempotency: str | None = None) -> JSONDict | StreamAnswer | Replay:
     """Serve one image request (generations, edits or variations) end to end; return OpenAI's response body.
 
     ``read`` reads and parses the body: the fields, and a multipart request's files (``None`` for JSON). It is
@@ -145,6 +159,9 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     With ``stream: true`` the answer is a ``StreamAnswer`` (gateway/streaming.py) once the pending row is written:
     it tries the channels itself, and completes the row when the stream ends.
 
+    ``idempotency`` is the request's ``Idempotency-Key`` header: a repeat of a request of the token that succeeded
+    gets a ``Replay`` of its answer (gateway/idempotency.py), recorded on its row as such and charged nothing.
+
     ``client`` is the client's connection, where the server can tell whether it went away: a client that left before
     its images were ready, or before the answer reached it, is recorded on the row, and charged or not as
     OPENOPEN8_CHARGE_DEPARTED_CLIENTS says (the provider made, and billed, those images). A successful row is then
@@ -154,6 +171,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     log = usage_new(token=token, endpoint=endpoint, request_id=request_id)
     attempts: list[Attempt] = []
     streamed: StreamAnswer | None = None
+    claim: Claim | None = None
     try:
         with ExitStack() as stack:
             stack.enter_context(token_slot(token))
@@ -162,6 +180,14 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                 body, files = read()
             usage_body(log, body)
             req = _check(token, body, files, endpoint=endpoint, log=log, stack=stack)
+            key = idempotency_key(idempotency)
+            if key and not req.stream:
+                held_by = idempotency_claim(token=token, key=key, print_=fingerprint(req), request_id=request_id,
+                                            wait=settings.OPENOPEN8_REQUEST_DEADLINE)
+                if isinstance(held_by, Replay):
+                    usage_replayed(log, held_by.request_id, status=held_by.status)
+                    return held_by
+                claim = held_by
             targets = _targets(config, req)
             row = price_for(config, model=req.model, size=req.size, quality=req.quality, at=log.created_at)
             multiplier = token.group.multiplier if token.group is not None else Decimal(1)
@@ -187,7 +213,11 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                         size=req.size, quality=req.quality)
         if client is not None and client.gone():
             usage_departed(log, UsageLog.ClientGone.BEFORE)
-        return result.to_dict()
+        answer = result.to_dict()
+        if claim is not None:
+            _keep_answer(claim, answer)
+            claim = None
+        return answer
     except GatewayError as error:
         usage_fail(log, error)
         raise
@@ -199,6 +229,8 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
         usage_fail(log, GatewayError("Internal error."))
         raise
     finally:
+        if claim is not None:  # the request failed: nothing was charged, so a retry with the key may try again
+            _give_back(claim)
         if streamed is None:  # a stream completes its row itself, when it ends
             held = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
             record_request(log)
@@ -218,6 +250,22 @@ def _delivered(log: UsageLog, held: int, delivered: bool) -> None:
         usage_complete(log, held=held)
     finally:
         connections[DEFAULT_DB_ALIAS].close()
+
+
+def _keep_answer(claim: Claim, answer: JSONDict) -> None:
+    try:
+        idempotency_answered(claim, answer)
+    except DatabaseError as error:  # the client still gets its answer; a repeat waits, then takes the key over
+        logger.warning("the answer of request %s was not kept for its Idempotency-Key (%s)", claim.request_id,
+                       type(error).__name__)
+
+
+def _give_back(claim: Claim) -> None:
+    try:
+        idempotency_release(claim)
+    except DatabaseError as error:  # the claim is taken over once it is stale
+        logger.warning("the Idempotency-Key of request %s was not given back (%s)", claim.request_id,
+                       type(error).__name__)
 
 
 def _end_user_id(token: ApiToken, targets: list[ChannelTarget]) -> str:

@@ -126,6 +126,11 @@ def usage_close(log: UsageLog, *, attempts: list[Attempt], latency_ms: int) -> i
     return held
 
 
+def usage_replayed(log: UsageLog, first: str, *, status: int) -> None:
+    """The request repeated the answer of request ``first`` (its Idempotency-Key): no images made, nothing charged."""
+    log.status, log.http_status, log.replay_of = UsageLog.Status.SUCCESS, status, first
+
+
 def usage_fail(log: UsageLog, error: GatewayError) -> None:
     log.status, log.http_status = UsageLog.Status.ERROR, error.status
     log.error_type, log.error_code, log.error_message = error.type, error.code or "", error.message[:2000]

@@ -34,6 +34,7 @@ from gateway.auth import ApiAccess
 from gateway.balance import subscription, usage
 from gateway.exception_handlers import error_response
 from gateway.hosting import image_open
+from gateway.idempotency import Replay
 from gateway.metrics import metrics_text
 from gateway.parsers import StrictJSONParser
 from gateway.selectors import served_model_names
@@ -117,7 +118,11 @@ class ImagesApi(GatewayApi):
 
         result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, read=read,
                                request_id=self.request_id, files_url=files_url(request),
-                               client=ClientConnection(request.META))
+                               client=ClientConnection(request.META),
+                               idempotency=request.META.get("HTTP_IDEMPOTENCY_KEY"))
+        if isinstance(result, Replay):  # the first answer to this Idempotency-Key, as it was given
+            self.request_id = result.request_id
+            return HttpResponse(result.answer, status=result.status, content_type="application/json")
         if not isinstance(result, StreamAnswer):
             return Response(result)
         error = result.first_error(settings.OPENOPEN8_STREAM_KEEPALIVE)

@@ -83,6 +83,8 @@ OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
 # A streamed answer sends an SSE comment this often (seconds) while no event is ready, so proxies and CDNs that cut
 # silent connections keep it; an error within the first such wait is still answered as a plain JSON error.
 OPENOPEN8_STREAM_KEEPALIVE = envfloat("OPENOPEN8_STREAM_KEEPALIVE", "15")
+# How long (seconds) an Idempotency-Key's successful answer is kept and repeated to the same key and body.
+OPENOPEN8_IDEMPOTENCY_TTL = envfloat("OPENOPEN8_IDEMPOTENCY_TTL", "86400")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # How long past the request deadline a pending row is left before the sweeper counts it abandoned (seconds).

@@ -78,15 +78,17 @@ class ConcurrentLiveServerTestCase(LiveServerTestCase):
     server_thread_class = _BacklogThread
 
 
-def post_at_once(url: str, body: Any, keys: list[str]) -> list[requests.Response]:
-    """POST ``body`` to ``url`` once for each key, every request released at the same moment; the answers in the
-    order they came."""
+def post_at_once(url: str, body: Any, keys: list[str],
+                 headers: dict[str, str] | None = None) -> list[requests.Response]:
+    """POST ``body`` (with ``headers``) to ``url`` once for each key, every request released at the same moment; the
+    answers in the order they came."""
     answers: list[requests.Response] = []
     lock, barrier = threading.Lock(), threading.Barrier(len(keys))
 
     def one(key: str) -> None:
         barrier.wait()
-        answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        answer = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}", **(headers or {})},
+                               timeout=60)
         with lock:
             answers.append(answer)
 

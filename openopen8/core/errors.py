@@ -47,7 +47,10 @@ class GatewayError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        if self.ambiguous:  # the provider may have made (and billed) the image: the SDKs must not repeat it blindly
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 class InvalidRequest(GatewayError):
@@ -100,6 +103,16 @@ class RequestTimeout(GatewayError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+
+
+class Unprocessable(GatewayError):
+    status = 422
+    type = "invalid_request_error"
 
 
 class RequestTooLarge(GatewayError):

@@ -5,6 +5,7 @@ import threading
 import time
 from typing import Any
 
+import openai
 import requests
 from django.test import LiveServerTestCase, override_settings
 
@@ -264,6 +265,7 @@ class FaultTests(ApiTestCase):
         r, log, good = self.run_fault({"status": 200, "body": OK, "delay": 2})
         assert_openai_error(r, 504, "server_error", "upstream_timeout")
         self.assertEqual((good.requests, log.cost_micros, log.status), ([], 0, "error"))
+        self.assertEqual(r["x-should-retry"], "false")  # the provider may have made the image: no blind retry
         r, log, good = self.run_fault({"status": 200, "body": OK, "delay": 2}, safe_to_retry=True)
         self.assertEqual(r.status_code, 200)
         self.assertEqual(len(good.requests), 1)
@@ -274,6 +276,7 @@ class FaultTests(ApiTestCase):
                 r, log, good = self.run_fault({"status": 200, "body": OK, "fault": fault})
                 assert_openai_error(r, 502, "server_error", "upstream_error")
                 self.assertEqual(good.requests, [])
+                self.assertEqual(r["x-should-retry"], "false")
                 r, log, good = self.run_fault({"status": 200, "body": OK, "fault": fault}, safe_to_retry=True)
                 self.assertEqual(r.status_code, 200)
 
@@ -291,6 +294,24 @@ class FaultTests(ApiTestCase):
             r = self.generate({"model": "dall-e-2", "prompt": "a"})
         self.assertLess(time.monotonic() - started, 2.5)
         assert_openai_error(r, 504, "server_error", "upstream_timeout")
+
+
+class ShouldRetryTests(LiveServerTestCase):
+    def test_the_sdk_repeats_a_failure_that_made_nothing_but_not_one_that_may_have_made_an_image(self) -> None:
+        _, key = make_token()
+        sdk = openai.OpenAI(base_url=f"{self.live_server_url}/v1", api_key=key, max_retries=2)
+        with FakeUpstream() as up:
+            up.respond(500, BROKEN)
+            make_channel(base_url=up.url, timeout=0.5)
+            with self.assertRaises(openai.InternalServerError):
+                sdk.images.generate(model="dall-e-2", prompt="a")
+            self.assertEqual(len(up.requests), 3)  # a plain 502: the SDK tried twice more
+            up.requests.clear()
+            up.respond(200, OK, delay=2)
+            with self.assertRaises(openai.APIStatusError) as raised:
+                sdk.images.generate(model="dall-e-2", prompt="a")
+        self.assertEqual(raised.exception.status_code, 504)
+        self.assertEqual(len(up.requests), 1)
 
 
 class SharedLimitTests(LiveServerTestCase):
