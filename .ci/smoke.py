@@ -2,7 +2,8 @@
 
 In a temporary directory: ``make run`` (a new virtualenv with requirements.txt alone, migrate, bootstrap, gunicorn
 with gunicorn.conf.py) once per worker class on a free port, ``/readyz`` answering 200, one image generated with the
-demo key that bootstrap printed and decoded as a PNG of the requested size, every module of the app importable from
+demo key that bootstrap printed and decoded as a PNG of the requested size (and one more as an image job, run by
+the workers' own job runners), every module of the app importable from
 that virtualenv, then SIGTERM and a clean exit within 15 s. Standard library only: it checks the product, not itself.
 Exits non-zero, with the gateway's output, at the first thing that fails.
 """
@@ -92,16 +93,30 @@ def wait_for_key_and_ready(proc: subprocess.Popen[bytes], log: Path, base: str, 
     raise AssertionError
 
 
-def generate(base: str, key: str, log: Path) -> None:
+def generate(base: str, key: str, log: Path, *, job: bool = False) -> None:
+    """One image, answered whole or (``job``) as an image job polled until it succeeds, which needs the job runner
+    that ``make run`` must start by itself."""
     body = json.dumps({"model": "dall-e-2", "prompt": "a lighthouse at dawn", "size": f"{SIZE[0]}x{SIZE[1]}",
                        "response_format": "b64_json"}).encode()
-    request = urllib.request.Request(f"{base}/v1/images/generations", data=body, method="POST", headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{base}/v1/images/generations", data=body, method="POST",
+                                     headers={**headers, "Prefer": "respond-async"} if job else headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
-            image = base64.b64decode(json.load(answer)["data"][0]["b64_json"])
-    except OSError as error:
-        fail(f"the generation failed: {error}", log)
+            result = json.load(answer)
+        for _ in range(300 if job else 0):
+            if result["status"] == "succeeded":
+                result = result["result"]
+                break
+            if result["status"] in ("failed", "cancelled"):
+                fail(f"the image job ended {result['status']}: {result['error']}", log)
+            time.sleep(0.1)
+            poll = urllib.request.Request(f"{base}/v1/images/jobs/{result['id']}", headers=headers)
+            with urllib.request.urlopen(poll, timeout=10) as answer:
+                result = json.load(answer)
+        image = base64.b64decode(result["data"][0]["b64_json"])
+    except (OSError, KeyError) as error:
+        fail(f"the {'image job' if job else 'generation'} failed: {error!r}", log)
     try:
         size = png_size(image)
     except (ValueError, KeyError, struct.error, zlib.error) as error:
@@ -142,6 +157,7 @@ def serve_once(tree: Path, worker_class: str) -> float:
     try:
         key = wait_for_key_and_ready(make, log, base, within=600)
         generate(base, key, log)
+        generate(base, key, log, job=True)
         imports_everything(tree, data, log)
         # make execs gunicorn in its recipe's shell: the master is make's child. Stop it as a deploy would.
         master = int(subprocess.run(["ps", "-o", "pid=", "--ppid", str(make.pid)], capture_output=True,
@@ -154,7 +170,7 @@ def serve_once(tree: Path, worker_class: str) -> float:
             fail(f"gunicorn ({worker_class}) had not stopped {STOP_WITHIN_S} s after SIGTERM", log)
         if code != 0:
             fail(f"make run ({worker_class}) exited with {code} after SIGTERM", log)
-        print(f"smoke: {worker_class}: served, made a {SIZE[0]}x{SIZE[1]} PNG, stopped in "
+        print(f"smoke: {worker_class}: served, made a {SIZE[0]}x{SIZE[1]} PNG (and one as an image job), stopped in "
               f"{time.monotonic() - stopping:.1f} s ({time.monotonic() - started:.0f} s in all)")
     finally:
         if make.poll() is None:

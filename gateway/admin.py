@@ -11,10 +11,23 @@ from django.db.models import QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils import timezone
 
-from gateway.models import ApiToken, Budgeted, Price, TokenGroup, UsageLog, from_micros, to_micros
+from gateway.models import (
+    ApiToken,
+    Budgeted,
+    ImageJob,
+    Price,
+    TokenGroup,
+    UsageLog,
+    WebhookDelivery,
+    from_micros,
+    to_micros,
+)
 from gateway.selectors import ledger_micros
-from gateway.services import token_create
+from gateway.services import job_cancel, token_create
+from gateway.tasks import webhook_enqueue
+from gateway.webhooks import webhook_secret_rotate
 from openopen8.admin import EnableDisableAdmin
 
 
@@ -39,7 +52,7 @@ class ApiTokenForm(BudgetForm):
     class Meta:
         model = ApiToken
         fields = ["name", "enabled", "expires_at", "budget", "budget_period", "group", "allowed_models",
-                  "requests_per_minute", "max_in_flight"]
+                  "requests_per_minute", "max_in_flight", "max_queued_jobs"]
 
     def save(self, commit: bool = True) -> ApiToken:
         if self.cleaned_data.get("budget") is not None and self.instance.budget_micros is None and self.instance.pk:
@@ -99,11 +112,25 @@ class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
     list_filter = ["enabled", "group", "budget_period"]
     list_select_related = ("group",)
     search_fields = ["name", "key_prefix"]
-    readonly_fields = ["key_display", "spent_usd", "left_usd", "period_ends", "created_at", "last_used_at"]
+    readonly_fields = ["key_display", "spent_usd", "left_usd", "period_ends", "created_at", "last_used_at",
+                       "webhook_secret_display"]
+    actions = [*EnableDisableAdmin.actions, "rotate_webhook_secret"]
 
     @admin.display(description="key")
     def key_display(self, token: ApiToken) -> str:
         return f"sk-{token.key_prefix}…" if token.key_prefix else "(shown once, on creation)"
+
+    @admin.display(description="webhook signing secret")
+    def webhook_secret_display(self, token: ApiToken) -> str:
+        # The key's owner verifies its job webhooks with it (Standard Webhooks); it signs, it does not authenticate.
+        return str(token.webhook_secret) or "(made when the key first sends a callback_url)"
+
+    @admin.action(description="Rotate the webhook signing secret of selected tokens")
+    def rotate_webhook_secret(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        for token in queryset:
+            webhook_secret_rotate(token)
+        self.message_user(request, f"New webhook signing secrets for {queryset.count()} token(s); webhooks from now "
+                                   "on are signed with them.")
 
 
     def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
@@ -165,4 +192,68 @@ class UsageLogAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageLog | None = None) -> bool:
+        return False
+
+
+DELIVERY_FIELDS = ("attempt", "at", "status_code", "error", "duration_ms", "delivered", "next_attempt_at")
+
+
+class WebhookDeliveryInline(admin.TabularInline[WebhookDelivery, ImageJob]):
+    model = WebhookDelivery
+    extra = 0
+    can_delete = False
+    fields = DELIVERY_FIELDS
+    readonly_fields = DELIVERY_FIELDS
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ImageJob)
+class ImageJobAdmin(admin.ModelAdmin):
+    """Image jobs: read-only but for cancelling (a queued job is refunded at once, a running one stops before its
+    next provider call)."""
+
+    list_display = ["id", "created_at", "token", "endpoint", "model", "status", "age", "runs", "error_status",
+                    "webhook", "completed_at"]
+    list_filter = ["status", "endpoint", "model", "token", ("created_at", admin.DateFieldListFilter)]
+    list_select_related = ("token",)
+    search_fields = ["id", "request_id", "model"]
+    date_hierarchy = "created_at"
+    actions = ["cancel", "redeliver"]
+    exclude = ["body", "result"]  # prompts and megabytes of base64: the usage row says what an operator needs
+    inlines = [WebhookDeliveryInline]
+
+    @admin.display(description="webhook")
+    def webhook(self, job: ImageJob) -> str:
+        if not job.callback_url:
+            return "-"
+        last = job.deliveries.order_by("-at").first()
+        return "waiting" if last is None else "delivered" if last.delivered else f"failed ({last.attempt} tries)"
+
+    @admin.action(description="Deliver the webhook of selected finished jobs again")
+    def redeliver(self, request: HttpRequest, queryset: QuerySet[ImageJob]) -> None:
+        jobs = list(queryset.exclude(callback_url="").exclude(status__in=(ImageJob.Status.QUEUED,
+                                                                          ImageJob.Status.RUNNING)))
+        for job in jobs:
+            webhook_enqueue(job.id)
+        self.message_user(request, f"Webhooks of {len(jobs)} job(s) will be delivered again.")
+
+    @admin.display(description="age")
+    def age(self, job: ImageJob) -> str:
+        end = job.completed_at or timezone.now()
+        return f"{(end - job.created_at).total_seconds():.0f} s"
+
+    @admin.action(description="Cancel selected jobs (queued ones are refunded)")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[ImageJob]) -> None:
+        jobs = list(queryset.filter(status__in=(ImageJob.Status.QUEUED, ImageJob.Status.RUNNING)).select_related(
+            "token"))
+        for job in jobs:
+            job_cancel(job.token, job.id)
+        self.message_user(request, f"Asked {len(jobs)} job(s) to stop; queued ones were cancelled and refunded.")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ImageJob | None = None) -> bool:
         return False

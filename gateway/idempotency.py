@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from gateway.models import ApiToken, IdempotentRequest
@@ -26,6 +27,8 @@ from openopen8.core.schemas import ImageRequest, JSONDict
 
 KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII without spaces, as the header's value
 POLL = 0.2  # seconds between looks at a claim another request holds
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,13 @@ class Claim:
 
 @dataclass(frozen=True)
 class Replay:
-    """The answer of the request that held the key first."""
+    """The answer of the request that held the key first (for a streamed request, ``stream`` is the request, whose
+    answer is given again as events)."""
 
     status: int
     answer: str
     request_id: str
+    stream: ImageRequest | None = None
 
 
 def idempotency_key(header: str | None) -> str:
@@ -109,15 +114,34 @@ def idempotency_claim(*, token: ApiToken, key: str, print_: str, request_id: str
         time.sleep(POLL)
 
 
-def idempotency_answered(claim: Claim, answer: JSONDict) -> None:
+def idempotency_answered(claim: Claim, answer: JSONDict, *, status: int = 200) -> None:
     """Keep the answer of the request that holds the key, for its repeats."""
     IdempotentRequest.objects.filter(pk=claim.pk, request_id=claim.request_id).update(
-        answered_at=timezone.now(), status_code=200, answer=json.dumps(answer, separators=(",", ":")))
+        answered_at=timezone.now(), status_code=status, answer=json.dumps(answer, separators=(",", ":")))
 
 
 def idempotency_release(claim: Claim) -> None:
     """Give the key back: the request failed, and a retry with it may try again."""
     IdempotentRequest.objects.filter(pk=claim.pk, request_id=claim.request_id, answered_at=None).delete()
+
+
+def idempotency_keep(claim: Claim, answer: JSONDict, *, status: int = 200) -> None:
+    """``idempotency_answered``, never raising for the database: the client still gets its answer, and a repeat
+    waits, then takes the key over."""
+    try:
+        idempotency_answered(claim, answer, status=status)
+    except DatabaseError as error:
+        logger.warning("the answer of request %s was not kept for its Idempotency-Key (%s)", claim.request_id,
+                       type(error).__name__)
+
+
+def idempotency_give_back(claim: Claim) -> None:
+    """``idempotency_release``, never raising for the database: the claim is taken over once it is stale."""
+    try:
+        idempotency_release(claim)
+    except DatabaseError as error:
+        logger.warning("the Idempotency-Key of request %s was not given back (%s)", claim.request_id,
+                       type(error).__name__)
 
 
 def idempotency_purge() -> int:

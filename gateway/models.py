@@ -15,6 +15,7 @@ from django.db import models
 from django.utils import timezone
 
 from channels.models import Channel, split_names
+from openopen8.core.crypto import EncryptedTextField
 
 KEY_PREFIX_LENGTH = 8
 
@@ -141,7 +142,12 @@ class ApiToken(Budgeted):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
     max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
                                                 help_text="Requests running at once; empty means no limit.")
+    max_queued_jobs = models.PositiveIntegerField("jobs waiting", null=True, blank=True,
+                                                  help_text="Image jobs queued or running at once; empty means no "
+                                                            "limit.")
     last_used_at = models.DateTimeField(null=True, blank=True)
+    webhook_secret = EncryptedTextField(blank=True, editable=False,
+                                        help_text="Signs this key's job webhooks; made at first use.")
 
     # DRF treats the authenticated token as the request's user.
     is_authenticated = True
@@ -293,6 +299,9 @@ class UsageLog(models.Model):
     client_gone_at = models.DateTimeField("client seen gone at", null=True, blank=True)
     replay_of = models.CharField("repeated the answer of", max_length=40, blank=True,
                                  help_text="The request whose answer this one got again, by its Idempotency-Key.")
+    job_id = models.CharField("job", max_length=40, blank=True,
+                              help_text="The image job this request was submitted as; its row completes when the job "
+                                        "ends.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -323,3 +332,67 @@ class IdempotentRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.request_id})"
+
+
+class ImageJob(models.Model):
+    """A request submitted with ``Prefer: respond-async``: checked and held against the budget at once (its usage
+    row, pending until the job ends), run by a job runner (gateway/job_runner.py), polled by its key."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    id = models.CharField(primary_key=True, max_length=40, editable=False)
+    token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, related_name="jobs")
+    request_id = models.CharField(max_length=40, unique=True, help_text="The usage row of the request.")
+    endpoint = models.CharField(max_length=32)
+    model = models.CharField(max_length=100)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    body = models.JSONField(default=dict, help_text="The request's fields, as checked at submission.")
+    inputs = models.JSONField(default=list, blank=True, help_text="Input images kept for the run (edits).")
+    files_url = models.CharField(max_length=500, blank=True, help_text="Where hosted images of the answer are served.")
+    callback_url = models.CharField(max_length=2000, blank=True, help_text="Sent the finished job, signed.")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    run_after = models.DateTimeField(null=True, blank=True, help_text="Waiting for a channel's limits until then.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Renewed by the runner while it runs.")
+    provider_called_at = models.DateTimeField(null=True, blank=True,
+                                              help_text="When a provider was first asked for this run's images.")
+    called_channel = models.ForeignKey(Channel, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                       help_text="The channel asked last in this run.")
+    runs = models.PositiveIntegerField(default=0, help_text="Times a runner started the job.")
+    cancel_requested = models.BooleanField(default=False)
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    error_status = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["token", "-created_at"], name="job_token_newest")]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.model} {self.status}"
+
+
+class WebhookDelivery(models.Model):
+    """One attempt to POST a finished job to its callback URL."""
+
+    job = models.ForeignKey(ImageJob, on_delete=models.CASCADE, related_name="deliveries")
+    attempt = models.PositiveIntegerField()
+    at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    delivered = models.BooleanField(default=False)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "at"]
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.attempt} {self.status_code or self.error[:40]}"

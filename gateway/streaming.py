@@ -28,6 +28,7 @@ from channels import adapters
 from channels.adapters import ChannelTarget, get_adapter, usage_summed
 from gateway.cache import ConfigSnapshot
 from gateway.hosting import images_deliver
+from gateway.idempotency import Claim, idempotency_give_back, idempotency_keep
 from gateway.metrics import record_first_event, record_request
 from gateway.models import Price, UsageLog
 from gateway.routing import images_route
@@ -64,14 +65,34 @@ def without_stream(req: ImageRequest) -> ImageRequest:
     return replace(req, fields=fields, stream=False)
 
 
+def completed_event(req: ImageRequest, image: ImageData, usage: Any) -> JSONDict:
+    """A completed event for an image a provider made whole, with OpenAI's fields."""
+    fields = req.fields
+    prefix = "image_generation" if req.endpoint == "generations" else "image_edit"
+    return {"type": f"{prefix}.completed", "b64_json": image.b64_json, "created_at": int(time.time()),
+            "size": req.size or "auto", "quality": req.quality or "auto",
+            "background": fields.get("background", "auto"), "output_format": fields.get("output_format", "png"),
+            "usage": usage if isinstance(usage, dict) else {
+                "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}}
+
+
+def stream_replayed(req: ImageRequest, answer: JSONDict) -> Iterator[bytes]:
+    """A stream's answer given again to a repeat of its Idempotency-Key: a completed event for each image."""
+    for item in answer.get("data", []):
+        event = completed_event(req, ImageData(b64_json=item.get("b64_json")), answer.get("usage"))
+        yield frame(event["type"], json.dumps(event, separators=(",", ":")).encode())
+
+
 class StreamAnswer:
     """One streamed request from the moment its pending row is written: ``start`` tries the channels, ``first_error``
     says whether it failed before anything could be streamed, iterating it gives the answer's bytes."""
 
     def __init__(self, *, req: ImageRequest, targets: list[ChannelTarget], config: ConfigSnapshot, log: UsageLog,
                  row: Price | None, multiplier: Decimal, files_url: str, end_user_id: str, started: float,
-                 attempts: list[Attempt], stack: ExitStack) -> None:
+                 attempts: list[Attempt], stack: ExitStack, claim: Claim | None = None) -> None:
         self.req, self.targets, self.config, self.log, self.row = req, targets, config, log, row
+        self.claim = claim
         self.multiplier, self.files_url, self.end_user_id, self.started = multiplier, files_url, end_user_id, started
         self.attempts, self.stack = attempts, stack
         self.prefix = "image_generation" if req.endpoint == "generations" else "image_edit"
@@ -223,14 +244,7 @@ class StreamAnswer:
             yield from (b"event: " + kind.encode() + b"\ndata: ", data, b"\n\n")
 
     def _completed(self, image: ImageData, usage: Any) -> JSONDict:
-        """A completed event for an image a provider made whole, with OpenAI's fields."""
-        fields = self.req.fields
-        return {"type": f"{self.prefix}.completed", "b64_json": image.b64_json, "created_at": int(time.time()),
-                "size": self.req.size or "auto", "quality": self.req.quality or "auto",
-                "background": fields.get("background", "auto"), "output_format": fields.get("output_format", "png"),
-                "usage": usage if isinstance(usage, dict) else {
-                    "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}}
+        return completed_event(self.req, image, usage)
 
     def close(self) -> None:
         """The client's answer is over: finished, or cut short (the client went away, or the answer was never read).
@@ -259,6 +273,12 @@ class StreamAnswer:
         usage = (self.result.extra.get("usage") if self.result is not None
                  else usage_summed(self.completed_usage) if self.completed_usage else None)
         try:
+            if self.claim is not None:  # its Idempotency-Key: a whole stream's images are repeated to its repeats
+                if made and self.error is None:
+                    answer: JSONDict = {"created": int(time.time()), "data": [{"b64_json": i.b64_json} for i in made]}
+                    idempotency_keep(self.claim, {**answer, "usage": usage} if usage else answer)
+                else:
+                    idempotency_give_back(self.claim)
             if made:
                 usage_delivered(log, row=self.row, multiplier=self.multiplier, images=len(made), usage=usage,
                                 size=self.req.size, quality=self.req.quality)

@@ -22,6 +22,7 @@ from django.utils import timezone
 from gateway.billing import budget_adjust
 from gateway.journal import journal_replay
 from gateway.models import Counter, Lease, UsageLog
+from gateway.services import jobs_sweep
 from gateway.usage_sql import ABANDONED
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def usage_sweep(*, grace: float | None = None) -> int:
     grace = settings.OPENOPEN8_SWEEP_GRACE if grace is None else grace
     cutoff = timezone.now() - timedelta(seconds=settings.OPENOPEN8_REQUEST_DEADLINE + grace)
     swept = 0
-    stale = UsageLog.objects.filter(status=UsageLog.Status.PENDING, created_at__lt=cutoff)
+    # A job's row stays pending while the job waits in the queue: jobs are swept by their heartbeats (jobs_sweep).
+    stale = UsageLog.objects.filter(status=UsageLog.Status.PENDING, created_at__lt=cutoff, job_id="")
     held_by = ("token_id", "group_id", "budget_period", "group_period")
     for pk, held, *budgets in stale.values_list("pk", "reserved_micros", *held_by):
         with transaction.atomic():
@@ -67,6 +69,9 @@ def _loop(interval: float) -> None:
             swept = usage_sweep()
             if swept:
                 log.warning("swept %d abandoned request(s) and refunded their holds", swept)
+            taken = jobs_sweep()
+            if taken:
+                log.warning("took over %d image job(s) whose runner stopped", taken)
         except (OperationalError, InterfaceError) as error:
             if reached:
                 log.warning("sweep skipped: the database did not answer (%s)", type(error).__name__)

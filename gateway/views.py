@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import uuid
 from collections.abc import Callable, Iterable
 from functools import cache, wraps
@@ -35,12 +36,13 @@ from gateway.balance import subscription, usage
 from gateway.exception_handlers import error_response
 from gateway.hosting import image_open
 from gateway.idempotency import Replay
+from gateway.jobs import job_object, job_of, jobs_of, jobs_page
 from gateway.metrics import metrics_text
 from gateway.parsers import StrictJSONParser
 from gateway.selectors import served_model_names
-from gateway.services import images_create
+from gateway.services import images_create, job_cancel
 from gateway.state import shared_state
-from gateway.streaming import StreamAnswer
+from gateway.streaming import StreamAnswer, stream_replayed
 from openopen8.client import ClientConnection
 from openopen8.core.errors import AuthenticationError, InvalidRequest, MethodNotAllowed, NotFound, RequestTooLarge
 from openopen8.core.rules import from_form
@@ -119,19 +121,28 @@ class ImagesApi(GatewayApi):
         result = images_create(token=access.token, config=access.config, endpoint=self.endpoint, read=read,
                                request_id=self.request_id, files_url=files_url(request),
                                client=ClientConnection(request.META),
-                               idempotency=request.META.get("HTTP_IDEMPOTENCY_KEY"))
-        if isinstance(result, Replay):  # the first answer to this Idempotency-Key, as it was given
+                               idempotency=request.META.get("HTTP_IDEMPOTENCY_KEY"),
+                               asynchronous=prefers_async(request.META.get("HTTP_PREFER", "")))
+        if isinstance(result, Replay):  # a job submitted, or the first answer to this Idempotency-Key again
             self.request_id = result.request_id
+            if result.status == 202:
+                return _job_accepted(result.answer)
+            if result.stream is not None:
+                return _event_stream(stream_replayed(result.stream, json.loads(result.answer)))
             return HttpResponse(result.answer, status=result.status, content_type="application/json")
         if not isinstance(result, StreamAnswer):
             return Response(result)
         error = result.first_error(settings.OPENOPEN8_STREAM_KEEPALIVE)
         if error is not None:  # nothing streamed yet: the client gets the error as any request would
             raise error
-        response = StreamingHttpResponse(result, content_type="text/event-stream")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx and its kind pass each event on at once
-        return response
+        return _event_stream(result)
+
+
+def _event_stream(frames: Iterable[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(frames, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx and its kind pass each event on at once
+    return response
 
 
 class ImageGenerationApi(ImagesApi):
@@ -148,6 +159,53 @@ class ImageEditApi(ImagesApi):
 class ImageVariationApi(ImagesApi):
     endpoint = "variations"
     parser_classes = [MultiPartParser]
+
+
+def _only(params: QueryDict, *names: str) -> QueryDict:
+    """The query parameters, if they are among ``names``. Raises ``InvalidRequest`` naming the first other one."""
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise InvalidRequest(f"Unknown parameter '{unknown[0][:40]}': this endpoint takes {' and '.join(names)}.",
+                             param=unknown[0][:40])
+    return params
+
+
+def prefers_async(prefer: str) -> bool:
+    """Whether a ``Prefer`` header (RFC 7240: preferences split by commas, parameters after semicolons) asks for
+    ``respond-async``."""
+    return any(part.split(";")[0].split("=")[0].strip().lower() == "respond-async" for part in prefer.split(","))
+
+
+def _job_accepted(job: str) -> HttpResponse:
+    response = HttpResponse(job, status=202, content_type="application/json")
+    response["Location"] = reverse("image-job", args=[json.loads(job)["id"]])
+    response["Retry-After"] = "2"
+    response["Preference-Applied"] = "respond-async"
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class JobsApi(GatewayApi):
+    """The calling key's image jobs, newest first: ``limit`` (1-100, 20) and the ``after`` cursor (a job id)."""
+
+    def get(self, request: Request) -> Response:
+        params = _only(request.query_params, "limit", "after")
+        limit = params.get("limit", "20")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise InvalidRequest("'limit' must be a whole number from 1 to 100.", param="limit")
+        jobs, more = jobs_of(cast(ApiAccess, request.auth).token, limit=int(limit), after=params.get("after"))
+        return Response(jobs_page(jobs, more), headers={"Cache-Control": "no-store"})
+
+
+class JobApi(GatewayApi):
+    def get(self, request: Request, job_id: str) -> Response:
+        job = job_object(job_of(cast(ApiAccess, request.auth).token, job_id))
+        return Response(job, headers={"Cache-Control": "no-store"})
+
+
+class JobCancelApi(GatewayApi):
+    def post(self, request: Request, job_id: str) -> Response:
+        return Response(job_cancel(cast(ApiAccess, request.auth).token, job_id), headers={"Cache-Control": "no-store"})
 
 
 class ModelListApi(GatewayApi):
@@ -171,11 +229,7 @@ class BillingUsageApi(GatewayApi):
     """What the calling key spent between two dates, as OpenAI's legacy billing API gave it."""
 
     def get(self, request: Request) -> Response:
-        params = request.query_params
-        unknown = sorted(set(params) - {"start_date", "end_date"})
-        if unknown:
-            raise InvalidRequest(f"Unknown parameter '{unknown[0][:40]}': this endpoint takes start_date and end_date.",
-                                 param=unknown[0][:40])
+        params = _only(request.query_params, "start_date", "end_date")
         return Response(usage(cast(ApiAccess, request.auth).token, start_date=params.get("start_date"),
                               end_date=params.get("end_date"), today=timezone.now().date()))
 

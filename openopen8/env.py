@@ -42,6 +42,18 @@ def envnumber(name: str, default: str, kind: type[int] | type[float] = int) -> f
     return number
 
 
+def envnumbers(name: str, default: str) -> list[float]:
+    """Comma-separated numbers, each greater than zero."""
+    values = [v.strip() for v in env(name, default).split(",") if v.strip()]
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be numbers separated by commas, not {env(name, default)!r}") from None
+    if not numbers or min(numbers) <= 0:
+        raise ImproperlyConfigured(f"{name} must be numbers greater than zero, not {env(name, default)!r}")
+    return numbers
+
+
 def envint(name: str, default: str) -> int:
     return int(envnumber(name, default, int))
 

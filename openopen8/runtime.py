@@ -12,13 +12,16 @@ _started_in: int | None = None  # the pid that started, so a fork starts its own
 
 
 def start() -> None:
-    """Start this process's background work: SQLite checkpoints, the sweeper, the usage writers and the versions
-    subscription. Once per process."""
+    """Start this process's background work: SQLite checkpoints, the sweeper, the usage writers, the versions
+    subscription and the job runner. Once per process."""
     global _started_in
     if _started_in == os.getpid():
         return
     _started_in = os.getpid()
+    from django.conf import settings
+
     from gateway.bookkeeping import bookkeeping_start
+    from gateway.job_runner import runner_start
     from gateway.journal import journal_start
     from gateway.state import lease_renewal_start, shared_state
     from gateway.sweeper import start_sweeper
@@ -32,6 +35,8 @@ def start() -> None:
     lease_renewal_start()  # places under concurrency limits renewed while their requests run
     bookkeeping_start()  # channel and token statistics written off the answer's path
     shared_state().listen()  # the versions kept current without a round trip a request (Redis)
+    if settings.OPENOPEN8_RUN_JOBS:
+        runner_start()  # image jobs (Prefer: respond-async) run here too, so the embedded default needs no worker
 
 
 def stop(*, timeout: float) -> None:
@@ -42,9 +47,11 @@ def stop(*, timeout: float) -> None:
         return
     import logging
 
+    from gateway.job_runner import runner_stop
     from gateway.journal import journal_parked, journal_replay
     from gateway.usage_writers import usage_writers_drain
 
+    runner_stop(timeout=timeout)  # the jobs running finish and write their rows, or a sweeper takes them over
     usage_writers_drain(timeout=timeout)
     if journal_parked() and journal_replay():
         logging.getLogger("gateway.usage").error(

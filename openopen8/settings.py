@@ -21,6 +21,7 @@ from openopen8.env import (
     envbool,
     envfloat,
     envint,
+    envnumbers,
     envsecret,
 )
 
@@ -85,6 +86,18 @@ OPENOPEN8_REQUEST_DEADLINE = envfloat("OPENOPEN8_REQUEST_DEADLINE", "300")
 OPENOPEN8_STREAM_KEEPALIVE = envfloat("OPENOPEN8_STREAM_KEEPALIVE", "15")
 # How long (seconds) an Idempotency-Key's successful answer is kept and repeated to the same key and body.
 OPENOPEN8_IDEMPOTENCY_TTL = envfloat("OPENOPEN8_IDEMPOTENCY_TTL", "86400")
+# Whether serving processes run image jobs too (off: only `manage.py jobworker` processes do), how many a process
+# runs at once, how often an idle runner looks for work (seconds), and how long a job may wait for its channels'
+# limits before it fails.
+OPENOPEN8_RUN_JOBS = envbool("OPENOPEN8_RUN_JOBS", "true")
+OPENOPEN8_JOB_CONCURRENCY = envint("OPENOPEN8_JOB_CONCURRENCY", "32")
+OPENOPEN8_JOB_POLL = envfloat("OPENOPEN8_JOB_POLL", "1")
+OPENOPEN8_JOB_MAX_WAIT = envfloat("OPENOPEN8_JOB_MAX_WAIT", "3600")
+# Seconds between a job webhook's failed delivery and the next try (about a day in all, then it is given up).
+OPENOPEN8_WEBHOOK_RETRIES = envnumbers("OPENOPEN8_WEBHOOK_RETRIES", "5,300,1800,7200,18000,36000,21600")
+OPENOPEN8_WEBHOOK_TIMEOUT = envfloat("OPENOPEN8_WEBHOOK_TIMEOUT", "15")
+# A running job's runner renews its heartbeat every third of this; a job whose heartbeat is older is taken as dead.
+OPENOPEN8_JOB_LEASE = envfloat("OPENOPEN8_JOB_LEASE", "30")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.
 OPENOPEN8_SWEEP_INTERVAL = envfloat("OPENOPEN8_SWEEP_INTERVAL", "60")
 # How long past the request deadline a pending row is left before the sweeper counts it abandoned (seconds).
@@ -162,6 +175,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "axes",
+    "django_tasks",
+    "django_tasks_db",
     "gateway",
     # Not the PyPI "channels" package (Django Channels), which must never be installed beside this app.
     "channels.apps.ChannelsConfig",
@@ -230,24 +245,29 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "files"}},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
     "images": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "images"}},
+    # Input images of image jobs, kept until the job ends.
+    "jobs": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": DATA_DIR / "jobs"}},
 }
 
 # Hosted images in S3-compatible object storage, for several nodes; the gateway still serves (and expires) the URLs.
 OPENOPEN8_S3_BUCKET = env("OPENOPEN8_S3_BUCKET")
 if OPENOPEN8_S3_BUCKET:
-    STORAGES["images"] = {
-        "BACKEND": "storages.backends.s3.S3Storage",
-        "OPTIONS": {
-            "bucket_name": OPENOPEN8_S3_BUCKET,
-            "endpoint_url": env("OPENOPEN8_S3_ENDPOINT_URL") or None,
-            "region_name": env("OPENOPEN8_S3_REGION") or None,
-            "access_key": envsecret("OPENOPEN8_S3_ACCESS_KEY", "") or None,
-            "secret_key": envsecret("OPENOPEN8_S3_SECRET_KEY", "") or None,
-            "location": env("OPENOPEN8_S3_PREFIX", "images"),
-            "default_acl": None,
-            "querystring_auth": True,
-        },
+    S3_OPTIONS = {
+        "bucket_name": OPENOPEN8_S3_BUCKET,
+        "endpoint_url": env("OPENOPEN8_S3_ENDPOINT_URL") or None,
+        "region_name": env("OPENOPEN8_S3_REGION") or None,
+        "access_key": envsecret("OPENOPEN8_S3_ACCESS_KEY", "") or None,
+        "secret_key": envsecret("OPENOPEN8_S3_SECRET_KEY", "") or None,
+        "default_acl": None,
+        "querystring_auth": True,
     }
+    STORAGES["images"] = {"BACKEND": "storages.backends.s3.S3Storage",
+                          "OPTIONS": {**S3_OPTIONS, "location": env("OPENOPEN8_S3_PREFIX", "images")}}
+    STORAGES["jobs"] = {"BACKEND": "storages.backends.s3.S3Storage",
+                        "OPTIONS": {**S3_OPTIONS, "location": env("OPENOPEN8_S3_JOBS_PREFIX", "jobs")}}
+
+# Image jobs (Prefer: respond-async) are tasks of Django's tasks framework, kept in the database (django-tasks-db).
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
 
 # Uploads larger than this go to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024

@@ -8,10 +8,11 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def images_in_tmp(settings: Any, tmp_path: Path) -> Path:
-    """Every test hosts its images in its own folder."""
+    """Every test hosts its images, and keeps its jobs' input images, in folders of its own."""
     location = tmp_path / "images"
     settings.STORAGES = {**settings.STORAGES, "images": {
-        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": location}}}
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": location}}, "jobs": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": tmp_path / "jobs"}}}
     return location
 
 

@@ -108,11 +108,11 @@ def _broken(error: BaseException, timeout: float, subject: str) -> GatewayError:
 
 def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = False,
               connect_timeout: float | None = None, reader: Callable[[BaseHTTPResponse], bool] | None = None,
-              **kwargs: Any) -> tuple[BaseHTTPResponse, int]:
+              what: str = "image URL", **kwargs: Any) -> tuple[BaseHTTPResponse, int]:
     if not url.startswith(("http://", "https://")):
         raise UpstreamError("The URL is not an http(s) URL.", channel_fault=True)
     connect = min(connect_timeout or settings.OPENOPEN8_CONNECT_TIMEOUT, timeout)
-    subject = "The image URL's server" if guarded else "The provider"
+    subject = f"The {what}'s server" if guarded else "The provider"
     started = time.monotonic()
     try:
         resp = open_stream(method, url, timeout=(connect, timeout), guarded=guarded, **kwargs)
@@ -128,10 +128,10 @@ def _exchange(method: str, url: str, *, timeout: float, max_bytes: int, into: IO
                 resp.close()
             resp.release_conn()
     except BlockedAddress:
-        raise UpstreamError("The image URL points to a private or local address, which this gateway does not "
-                            "fetch from.", channel_fault=True) from None
+        raise UpstreamError(f"The {what} points to a private or local address, which this gateway does not "
+                            "connect to.", channel_fault=True) from None
     except TooManyRedirects:
-        raise UpstreamError("The image URL redirects too many times.", channel_fault=True) from None
+        raise UpstreamError(f"The {what} redirects too many times.", channel_fault=True) from None
     except ConnectTimeoutError as e:
         if isinstance(e, NewConnectionError):  # urllib3 files a refused connection under connect timeouts
             raise UpstreamError(f"{subject} could not be reached.", channel_fault=True) from None
@@ -215,6 +215,15 @@ def send_events(req: UpstreamRequest, *, timeout: float, connect_timeout: float 
                               reader=reader)
     return UpstreamResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, buffer.getvalue(),
                             latency, req.url)
+
+
+def post_callback(url: str, body: bytes, *, headers: dict[str, str], timeout: float) -> int:
+    """POST ``body`` to a client's callback URL, guarded as a client's image URL is fetched (no private addresses,
+    every address checked before connecting); return the answer's status. Raises ``UpstreamError`` or
+    ``UpstreamTimeout`` when no answer came."""
+    resp, _latency = _exchange("POST", url, timeout=timeout, max_bytes=65536, into=io.BytesIO(), guarded=True,
+                               what="callback URL", headers=headers, data=body)
+    return int(resp.status)
 
 
 def fetch(url: str, *, timeout: float, max_bytes: int, into: IO[bytes], guarded: bool = True) -> None:

@@ -85,6 +85,16 @@ def _check_host(host: str, port: int) -> None:
         raise BlockedAddress()
 
 
+def url_refused(url: str) -> bool:
+    """Whether a fetch or a callback to ``url`` would be refused for its address (checked before it is taken)."""
+    parts = urlsplit(url)
+    try:
+        _check_host(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    except (BlockedAddress, ValueError):
+        return True
+    return False
+
+
 def _check_peer(sock: socket.socket) -> None:
     # Checked again on the socket actually connected: a name that resolves differently the second time (DNS
     # rebinding) cannot slip by.
@@ -254,7 +264,7 @@ def provider_pool(origin: str) -> HTTPConnectionPool:
 
 
 def open_stream(method: str, url: str, *, timeout: tuple[float, float], guarded: bool, headers: dict[str, str],
-                json_body: Any = None, data: MultipartBody | None = None,
+                json_body: Any = None, data: MultipartBody | bytes | None = None,
                 auth: tuple[str, str] | None = None) -> BaseHTTPResponse:
     """The answer's head, its body left to stream. Raises urllib3's exceptions, ``BlockedAddress`` or
     ``TooManyRedirects``."""

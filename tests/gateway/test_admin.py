@@ -8,9 +8,10 @@ from django.contrib.auth.models import User
 from django.test import TestCase
 
 from channels.models import Channel
-from gateway.models import ApiToken, TokenGroup
+from gateway.models import ApiToken, ImageJob, TokenGroup
+from gateway.webhooks import webhook_secret
 from tests.base import post_json
-from tests.factories import make_channel, make_token, make_usage_log
+from tests.factories import make_channel, make_price, make_token, make_usage_log
 
 SECRET = "sk-provider-VERY-SECRET-9876"
 
@@ -37,6 +38,33 @@ class AdminTests(TestCase):
             html = self.client.get(page).content.decode()
             self.assertNotIn(key, html)
             self.assertIn(f"sk-{token.key_prefix}", html)
+
+    def test_jobs_are_listed_and_a_queued_one_is_cancelled_and_refunded_from_the_list(self) -> None:
+        make_channel(kind="placeholder")
+        make_price(model="dall-e-2", usd="0.02")
+        token, key = make_token(name="batch", budget="1")
+        r = self.client.post("/v1/images/generations", {"model": "dall-e-2", "prompt": "a"},
+                             content_type="application/json", headers={"Authorization": f"Bearer {key}",
+                                                                       "Prefer": "respond-async"})
+        job = ImageJob.objects.get(pk=r.json()["id"])
+        html = self.client.get("/admin/gateway/imagejob/").content.decode()
+        self.assertIn(job.id, html)
+        self.assertIn("batch", html)
+        self.client.post("/admin/gateway/imagejob/", {"action": "cancel", "_selected_action": [job.id]})
+        job.refresh_from_db()
+        token.refresh_from_db()
+        self.assertEqual((job.status, token.spent_micros), ("cancelled", 0))
+        self.assertEqual(self.client.get(f"/admin/gateway/imagejob/{job.id}/change/").status_code, 200)
+
+    def test_a_tokens_webhook_secret_is_shown_and_rotated(self) -> None:
+        token, _ = make_token(name="hooks")
+        first = webhook_secret(token)
+        self.assertIn(first, self.client.get(f"/admin/gateway/apitoken/{token.pk}/change/").content.decode())
+        self.client.post("/admin/gateway/apitoken/", {"action": "rotate_webhook_secret",
+                                                      "_selected_action": [token.pk]})
+        second = ApiToken.objects.get(pk=token.pk).webhook_secret
+        self.assertNotEqual(second, first)
+        self.assertTrue(second.startswith("whsec_"))
 
     def test_the_token_list_shows_budget_spent_and_last_use(self) -> None:
         make_token(name="team-a", budget="10")

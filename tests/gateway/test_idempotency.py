@@ -16,7 +16,7 @@ from gateway.idempotency import idempotency_purge
 from gateway.models import ApiToken, IdempotentRequest, UsageLog
 from tests.base import ConcurrentLiveServerTestCase, post_at_once
 from tests.factories import make_channel, make_price, make_token, png_b64, png_bytes
-from tests.fake_upstream import FakeUpstream, Recorded
+from tests.fake_upstream import EventStream, FakeUpstream, Recorded
 
 
 def new_image_each_call() -> Any:
@@ -104,6 +104,26 @@ class IdempotencyTests(LiveServerTestCase):
                                      extra_headers={"Idempotency-Key": "edit-1"})
         self.assertEqual(len(up.requests), 1)
         self.assertEqual(answers[0].data[0].b64_json, answers[1].data[0].b64_json)
+
+    def test_a_stream_repeated_gets_its_images_again_as_completed_events(self) -> None:
+        make_price(model="gpt-image-1.5", usd="0.04")
+        partial = {"type": "image_generation.partial_image", "b64_json": png_b64(4, 4), "partial_image_index": 0}
+        completed = {"type": "image_generation.completed", "b64_json": png_b64(9, 9),
+                     "usage": {"input_tokens": 5, "output_tokens": 50, "total_tokens": 55}}
+        events: list[tuple[float, dict[str, Any]]] = [(0.0, partial), (0.0, completed)]
+        with FakeUpstream() as up:
+            up.respond(200, EventStream(events))
+            make_channel(base_url=up.url, models="gpt-image-1.5")
+            first, again = ([e.type for e in self.sdk.images.generate(
+                model="gpt-image-1.5", prompt="a lighthouse", stream=True, partial_images=1,
+                extra_headers={"Idempotency-Key": "stream-1"})] for _ in range(2))
+            repeated = list(self.sdk.images.generate(model="gpt-image-1.5", prompt="a lighthouse", stream=True,
+                                                     partial_images=1, extra_headers={"Idempotency-Key": "stream-1"}))
+        self.assertEqual(first, ["image_generation.partial_image", "image_generation.completed"])
+        self.assertEqual(again, ["image_generation.completed"])  # the images, not the provider's progress
+        self.assertEqual(repeated[0].b64_json, png_b64(9, 9))
+        self.assertEqual(len(up.requests), 1)
+        self.assertEqual(self.spent(), 40000)
 
     def test_a_malformed_key_is_a_clear_400(self) -> None:
         make_channel(kind="placeholder")

@@ -1,0 +1,46 @@
+"""The tasks of Django's tasks framework (django-tasks, kept in the database by django-tasks-db) that the gateway
+enqueues: an image job's run, and a finished job's webhook delivery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.utils import timezone
+from django_tasks import task
+
+
+@task()
+def deliver_job_webhook(job_id: str, attempt: int) -> None:
+    from gateway.webhooks import webhook_deliver
+
+    again = webhook_deliver(job_id, attempt)
+    if again is not None:
+        deliver_job_webhook.using(run_after=timezone.now() + timedelta(seconds=again)).enqueue(job_id, attempt + 1)
+
+
+def webhook_enqueue(job_id: str) -> None:
+    """Have the finished job delivered to its callback URL (its first try, or a new series of tries)."""
+    deliver_job_webhook.enqueue(job_id, 1)
+    _nudge()
+
+
+@task()
+def run_image_job(job_id: str) -> None:
+    from gateway.services import job_run  # the service layer imports this module to enqueue
+
+    job_run(job_id)
+
+
+def job_enqueue(job_id: str, *, after: float = 0.0) -> None:
+    """Have a runner run the job, at once or ``after`` seconds from now."""
+    if after > 0:
+        run_image_job.using(run_after=timezone.now() + timedelta(seconds=after)).enqueue(job_id)
+    else:
+        run_image_job.enqueue(job_id)
+    _nudge()
+
+
+def _nudge() -> None:
+    from gateway.job_runner import runner_nudge  # the runner runs these tasks: it imports this module
+
+    runner_nudge()
