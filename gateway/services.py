@@ -350,6 +350,7 @@ def token_create(*, name: str, budget_micros: int | None = None, allowed_models:
 
 JOB_HOLD_S = 10.0  # a running job waits this long for a place in flight before it goes back to the queue
 JOB_RETRY_S = 0.25
+_places_freed = threading.Condition()
 
 
 class JobCancelled(GatewayError):
@@ -392,13 +393,20 @@ def job_run(job_id: str) -> None:
                                               attempts=attempts, files_url=job.files_url, call=call,
                                               end_user_id=_end_user_id(token, targets),
                                               deadline=started + settings.OPENOPEN8_REQUEST_DEADLINE)
-                    break
                 except RateLimited as busy:
-                    # A place in flight frees within moments: look again soon, keeping this runner's place, rather
-                    # than have every runner take and put back queued jobs meanwhile.
+                    # A place in flight frees within moments: look again when a job of this process ends (or soon,
+                    # for one ending elsewhere), keeping this runner's place, rather than have every runner take
+                    # and put back queued jobs meanwhile.
                     if (busy.retry_after or 5) > 2 or time.monotonic() > held_until:
                         raise
-                    time.sleep(JOB_RETRY_S * random.uniform(0.5, 1.5))
+                    with _places_freed:
+                        _places_freed.wait(JOB_RETRY_S * random.uniform(0.5, 1.5))
+                    continue
+                except BaseException:
+                    _freed()
+                    raise
+                _freed()
+                break
         usage_delivered(log, row=row, multiplier=multiplier, images=len(result.data), usage=result.extra.get("usage"),
                         size=req.size, quality=req.quality)
         job_succeeded(job, result.to_dict())
@@ -424,6 +432,12 @@ def job_run(job_id: str) -> None:
             held = usage_close(log, attempts=attempts, latency_ms=int((time.monotonic() - started) * 1000))
             record_request(log)
             usage_complete(log, held=held)
+
+
+def _freed() -> None:
+    """A job's places in flight are free again: the jobs of this process waiting for one look now."""
+    with _places_freed:
+        _places_freed.notify_all()
 
 
 @contextmanager
