@@ -208,6 +208,11 @@ def configure(env: dict[str, str], *, fast: int, slow: int, big: int,
                               ("stream-big", f"http://127.0.0.1:{streams[1]}/v1", "bench-stream-big")):
         manage("addchannel", name, "--type", "openai", "--base-url", url, "--key", "sk-bench-provider-key",
                "--models", models, env=env)
+    # Image jobs behind the 1 s provider, on a channel that allows 50 in flight.
+    manage("addchannel", "jobs", "--type", "openai", "--base-url", f"http://127.0.0.1:{slow}/v1", "--key",
+           "sk-bench-provider-key", "--models", "bench-jobs", env=env)
+    manage("shell", "-c", "from channels.models import Channel; Channel.objects.filter(name='jobs')"
+           ".update(max_in_flight=50)", env=env)
     manage("shell", "-c", "from gateway.models import Price; Price.objects.create(model='bench-fast', "
                           "usd_per_image='0.01')", env=env)
     return key, budget_key

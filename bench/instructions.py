@@ -61,8 +61,10 @@ def counted(requests: int, env: dict[str, str]) -> int:
                           "--serve", str(requests)], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, **env, "PYTHONHASHSEED": "0",
                               # The request's own work only, as in every run counted so far: the completion written
-                              # within the request, and no sweep (its thread would run once a minute of the count).
-                              "OPENOPEN8_WRITE_AFTER_ANSWER": "false", "OPENOPEN8_SWEEP_INTERVAL": "86400"}).stderr
+                              # within the request, and no sweep (its thread would run once a minute of the count)
+                              # nor job runner (it looks for jobs every second).
+                              "OPENOPEN8_WRITE_AFTER_ANSWER": "false", "OPENOPEN8_SWEEP_INTERVAL": "86400",
+                              "OPENOPEN8_RUN_JOBS": "false"}).stderr
     return int(re.search(r"Collected : (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
