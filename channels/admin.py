@@ -33,7 +33,7 @@ class ChannelForm(forms.ModelForm):
         model = Channel
         fields = ["name", "kind", "base_url", "api_key", "served_models", "model_map", "endpoints", "priority",
                   "weight", "enabled", "timeout", "connect_timeout", "safe_to_retry", "images_per_minute",
-                  "max_in_flight", "end_user", "config"]
+                  "max_in_flight", "end_user", "config", "demo"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,7 +67,7 @@ class KindFilter(admin.SimpleListFilter):
 class ChannelAdmin(EnableDisableAdmin):
     form = ChannelForm
     list_display = ["name", "type", "served_models", "endpoints", "priority", "weight", "enabled", "key", "status",
-                    "circuit", "last_used_at", "last_latency_ms", "last_test"]
+                    "circuit_state", "last_used_at", "last_latency_ms", "last_test"]
     list_filter = [KindFilter, "enabled"]
     search_fields = ["name", "served_models", "base_url"]
     readonly_fields = ["disabled_reason", "set_aside_keys", "last_error", "last_error_at", "last_used_at",
@@ -84,10 +84,14 @@ class ChannelAdmin(EnableDisableAdmin):
 
     @admin.display(description="type", ordering="kind")
     def type(self, channel: Channel) -> str:
+        if channel.demo:
+            return format_html('{} <strong title="{}">DEMO</strong>', channel.kind_label,
+                               "Serves only keys without a budget; delete it once real channels are set up.")
         return channel.kind_label
 
+    # Not named "circuit": the admin would show the Channel.circuit relation (the database's circuit row) instead.
     @admin.display(description="circuit")
-    def circuit(self, channel: Channel) -> str:
+    def circuit_state(self, channel: Channel) -> str:
         now = getattr(_page, "now", time.time())
         view = getattr(_page, "circuits", {}).get(channel.pk, CircuitView())
         state = view.state(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -84,6 +85,9 @@ class Channel(models.Model):
         "end-user id sent", max_length=8, choices=EndUser.choices, default=EndUser.CLIENT,
         help_text="What goes to the provider as user / safety_identifier, which it records against your account.")
     config = models.JSONField(default=dict, blank=True, help_text="Settings for this channel type.")
+    demo = models.BooleanField(default=False, help_text="The demo channel `make run` made: it never serves a key "
+                                                        "with a budget (or in a group with one). Delete it once real "
+                                                        "channels are set up.")
     last_error = models.TextField(blank=True)
     last_error_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -132,10 +136,14 @@ class Channel(models.Model):
             errors["kind"] = f"Choose a channel type: {', '.join(ADAPTERS)}."
         else:
             adapter = get_adapter(self.kind)
-            try:
-                adapter.parse_config(self.config or {})
-            except ValueError as e:
-                errors["config"] = str(e)
+            if self.config is not None and not isinstance(self.config, dict):
+                errors["config"] = ("The config must be a JSON object of settings, such as {\"steps\": 30}; "
+                                    f"{json.dumps(self.config)[:60]} is not one.")
+            else:
+                try:
+                    adapter.parse_config(self.config or {})
+                except (ValueError, TypeError) as e:
+                    errors["config"] = str(e)
             if adapter.needs_base_url and not self.base_url.startswith(("http://", "https://")):
                 errors["base_url"] = "Enter the provider's http(s) URL."
             declared = split_names(self.endpoints)
@@ -163,7 +171,7 @@ class Channel(models.Model):
         return ChannelTarget(id=self.pk, name=self.name, kind=self.kind, base_url=self.base_url,
                              api_key=key, spare_keys=max(len(keys) - 1, 0),
                              connect_timeout=self.connect_timeout, safe_to_retry=self.safe_to_retry,
-                             end_user=self.end_user,
+                             end_user=self.end_user, demo=self.demo,
                              images_per_minute=self.images_per_minute, max_in_flight=self.max_in_flight,
                              config=adapter.parse_config(self.config or {}), model_map=self.model_map,
                              timeout=self.timeout, weight=self.weight, priority=self.priority,

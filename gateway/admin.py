@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any, cast
 
@@ -9,10 +10,13 @@ from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet, Sum
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
 
+from channels.models import Channel, split_names
 from gateway.models import (
     ApiToken,
     Budgeted,
@@ -29,6 +33,10 @@ from gateway.services import job_cancel, token_create
 from gateway.tasks import webhook_enqueue
 from gateway.webhooks import webhook_secret_rotate
 from openopen8.admin import EnableDisableAdmin
+from openopen8.core.crypto import decrypt, encrypt
+from openopen8.core.rules import rule_for
+
+NEW_KEY = "openopen8-new-key:"  # the session entry that holds a new key until its page has shown it
 
 
 class BudgetForm(forms.ModelForm):
@@ -53,6 +61,22 @@ class ApiTokenForm(BudgetForm):
         model = ApiToken
         fields = ["name", "enabled", "expires_at", "budget", "budget_period", "group", "allowed_models",
                   "requests_per_minute", "max_in_flight", "max_queued_jobs"]
+
+    def clean_allowed_models(self) -> str:
+        """Each allowed model is one a channel serves or the gateway knows, so a typo is not a silent refusal."""
+        names = split_names(self.cleaned_data["allowed_models"])
+        channels = list(Channel.objects.all())
+        unknown = [n for n in names if rule_for(n) is None and not any(c.serves(n) for c in channels)]
+        if unknown:
+            raise forms.ValidationError(f"No channel serves {', '.join(unknown)}, and it is no model the gateway "
+                                        "knows: check the spelling.")
+        return ",".join(names)
+
+    def clean_expires_at(self) -> Any:
+        expires = self.cleaned_data["expires_at"]
+        if expires is not None and expires <= timezone.now() and "expires_at" in self.changed_data:
+            raise forms.ValidationError("That moment has passed: the key would never work. Disable it instead.")
+        return expires
 
     def save(self, commit: bool = True) -> ApiToken:
         if self.cleaned_data.get("budget") is not None and self.instance.budget_micros is None and self.instance.pk:
@@ -116,6 +140,17 @@ class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
                        "webhook_secret_display"]
     actions = [*EnableDisableAdmin.actions, "rotate_webhook_secret"]
 
+    def has_delete_permission(self, request: HttpRequest, obj: ApiToken | None = None) -> bool:
+        # A token that was used stays, so its usage rows keep naming it: disable it instead.
+        if obj is not None and UsageLog.objects.filter(token=obj).exists():
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # it would delete used tokens too; "disable" is the bulk action
+        return actions
+
     @admin.display(description="key")
     def key_display(self, token: ApiToken) -> str:
         return f"sk-{token.key_prefix}…" if token.key_prefix else "(shown once, on creation)"
@@ -140,9 +175,21 @@ class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
         _token, request._openopen8_new_key = token_create(name=obj.name, token=obj)  # type: ignore[attr-defined]
 
     def response_add(self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None) -> HttpResponse:
-        # The key exists only in this response: render it here rather than storing it in a message or session.
-        context = {**self.admin_site.each_context(request), "token": obj, "key": request._openopen8_new_key,  # type: ignore[attr-defined]
-                   "opts": self.model._meta, "title": "API key created",
+        # Redirect after the POST, so a reload cannot create a second key: the key waits in the operator's session,
+        # encrypted, for the one page that shows it and forgets it.
+        request.session[f"{NEW_KEY}{obj.pk}"] = encrypt(request._openopen8_new_key)  # type: ignore[attr-defined]
+        return HttpResponseRedirect(reverse("admin:gateway_apitoken_key", args=[obj.pk]))
+
+    def get_urls(self) -> list[Any]:
+        return [path("<int:token_id>/key/", self.admin_site.admin_view(self.key_view), name="gateway_apitoken_key"),
+                *super().get_urls()]
+
+    def key_view(self, request: HttpRequest, token_id: int) -> HttpResponse:
+        """The new key, once: read from the session and gone from it."""
+        token = get_object_or_404(ApiToken, pk=token_id)
+        stored = request.session.pop(f"{NEW_KEY}{token_id}", None)
+        context = {**self.admin_site.each_context(request), "token": token, "opts": self.model._meta,
+                   "key": decrypt(stored) if stored else None, "title": "API key created",
                    "base_url": request.build_absolute_uri("/v1")}
         return TemplateResponse(request, "admin/gateway/apitoken/key_created.html", context)
 
@@ -156,8 +203,33 @@ class TokenGroupAdmin(BudgetColumns):
 
 
 
+SIZE = re.compile(r"\d+x\d+|auto")
+
+
+class PriceForm(forms.ModelForm):
+    """Amounts of zero or more, and a size written as requests write it (1024x1024), so the row can match."""
+
+    class Meta:
+        model = Price
+        fields = "__all__"
+
+    def clean_size(self) -> str:
+        size = str(self.cleaned_data["size"]).strip().lower()
+        if size and not SIZE.fullmatch(size):
+            raise forms.ValidationError("A size is WIDTHxHEIGHT (1024x1024), auto, or empty for any size.")
+        return size
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name, value in list(cleaned.items()):
+            if isinstance(value, Decimal) and value < 0:
+                self.add_error(name, "A price cannot be below zero.")
+        return cleaned
+
+
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
+    form = PriceForm
     list_display = ["model", "size", "quality", "usd_per_image", "usd_per_1m_text_input", "usd_per_1m_image_input",
                     "usd_per_1m_cached_input", "usd_per_1m_image_output", "usd_per_1m_text_output",
                     "ceiling_usd_per_image", "effective_from"]

@@ -12,6 +12,7 @@ from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooMany
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
 from django.views.csrf import csrf_failure as django_csrf_failure
+from django.views.defaults import page_not_found as django_page_not_found
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
@@ -116,7 +117,10 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponseBase:
     return error_response(PermissionDenied("Forbidden.", code="forbidden"))
 
 
-def handler404(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:
+    """OpenAI's JSON, but for the console's own pages, which get the console's 404 page."""
+    if request.path_info.startswith("/admin/"):
+        return django_page_not_found(request, exception or Http404())
     return error_response(NotFound(f"Invalid URL ({request.method} {request.path})"))
 
 

@@ -155,10 +155,16 @@ def _check(token: ApiToken, body: Any, files: Any, *, endpoint: str, log: UsageL
     return req
 
 
-def _targets(config: ConfigSnapshot, req: ImageRequest) -> list[ChannelTarget]:
-    """The channels that can serve this request. Raises ``ModelNotFound`` when no channel serves the model, and
-    ``InvalidRequest`` when channels serve it but none can do this endpoint with these inputs."""
+def _targets(config: ConfigSnapshot, req: ImageRequest, token: ApiToken) -> list[ChannelTarget]:
+    """The channels that can serve this request (the demo channel only for a key that pays nothing). Raises
+    ``ModelNotFound`` when no channel serves the model, and ``InvalidRequest`` when channels serve it but none can do
+    this endpoint with these inputs."""
     targets = channel_targets_for(config, model=req.model)
+    if any(t.demo for t in targets) and _pays(token):
+        targets = [t for t in targets if not t.demo]
+        if not targets:
+            raise ModelNotFound(f"The model '{req.model}' is served only by the demo channel, which does not serve "
+                                "API keys with a budget.", param="model", code="model_not_found")
     if not targets:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
     files = {name for name, f in (("image", req.images), ("mask", req.mask), ("markup", req.markup)) if f}
@@ -231,7 +237,7 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
                         return _replayed_job(token, held_by)
                     return replace(held_by, stream=req) if req.stream else held_by
                 claim = held_by
-            targets = _targets(config, req)
+            targets = _targets(config, req, token)
             if asynchronous:
                 job_admit(token)
                 log.job_id = new_job_id()
@@ -328,6 +334,11 @@ def _end_user_id(token: ApiToken, targets: list[ChannelTarget]) -> str:
     return token.end_user_id() if any(t.end_user == "token" for t in targets) else ""
 
 
+def _pays(token: ApiToken) -> bool:
+    """Whether the key has a budget, or is in a group with one."""
+    return token.budget_micros is not None or (token.group is not None and token.group.budget_micros is not None)
+
+
 def _write_pending(log: UsageLog, *, hold: int) -> None:
     """Write the pending row, with the budget holds in the same transaction (or none). Raises
     ``InsufficientQuota`` when a budget does not cover the hold."""
@@ -382,7 +393,7 @@ def job_run(job_id: str) -> None:
         with ExitStack() as stack:
             stack.enter_context(_beating(job_id))
             req = _check(token, dict(job.body), job_inputs(job), endpoint=job.endpoint, log=log, stack=stack)
-            targets = _targets(config, req)
+            targets = _targets(config, req, token)
             row = price_for(config, model=req.model, size=req.size, quality=req.quality, at=log.created_at)
             multiplier = token.group.multiplier if token.group is not None else Decimal(1)
             held_until = started + JOB_HOLD_S

@@ -48,6 +48,7 @@ class ChannelTarget:
     images_per_minute: int | None = None
     max_in_flight: int | None = None
     end_user: str = "client"  # what goes to the provider as user / safety_identifier: client, token or none
+    demo: bool = False  # the demo channel, for keys without a budget only
 
     def provider_model(self, model: str) -> str:
         return self.model_map.get(model, model)

@@ -4,11 +4,13 @@ import json
 import re
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import TestCase
 
 from channels.models import Channel
-from gateway.models import ApiToken, ImageJob, TokenGroup
+from gateway.models import ApiToken, ImageJob, Price, TokenGroup
+from gateway.state import shared_state
 from gateway.webhooks import webhook_secret
 from tests.base import post_json
 from tests.factories import make_channel, make_price, make_token, make_usage_log
@@ -25,11 +27,19 @@ class AdminTests(TestCase):
         make_channel(kind="placeholder")
         r = self.client.post("/admin/gateway/apitoken/add/", {"name": "ci-bot", "enabled": "on", "budget": "2.50",
                                                                 "allowed_models": "dall-e-2"})
-        self.assertEqual(r.status_code, 200)
-        shown = re.search(r'id="new-api-key"[^>]*>(sk-[A-Za-z0-9_-]+)<', r.content.decode())
+        token = ApiToken.objects.get(name="ci-bot")
+        self.assertRedirects(r, f"/admin/gateway/apitoken/{token.pk}/key/", fetch_redirect_response=False)
+        page = self.client.get(r["Location"]).content.decode()
+        shown = re.search(r'id="new-api-key"[^>]*>(sk-[A-Za-z0-9_-]+)<', page)
         assert shown is not None
         key = shown.group(1)
-        token = ApiToken.objects.get(name="ci-bot")
+        self.assertIn('id="copy-api-key"', page)
+        # Reloading the page shows the key no more, and creates nothing.
+        again = self.client.get(r["Location"]).content.decode()
+        self.assertNotIn(key, again)
+        self.assertIn('id="key-gone"', again)
+        self.assertEqual(ApiToken.objects.filter(name="ci-bot").count(), 1)
+        self.assertFalse(any(key in str(v) for v in self.client.session.values()))
         self.assertEqual((token.budget_micros, token.allowed_models), (2_500_000, "dall-e-2"))
         api = post_json(self.client, "/v1/images/generations", {"model": "dall-e-2", "prompt": "a", "size": "256x256"},
                         key)
@@ -65,6 +75,34 @@ class AdminTests(TestCase):
         second = ApiToken.objects.get(pk=token.pk).webhook_secret
         self.assertNotEqual(second, first)
         self.assertTrue(second.startswith("whsec_"))
+
+    def test_a_used_token_cannot_be_deleted_only_disabled(self) -> None:
+        used, _ = make_token(name="used")
+        make_usage_log(token=used)
+        unused, _ = make_token(name="unused")
+        self.assertEqual(self.client.get(f"/admin/gateway/apitoken/{used.pk}/delete/").status_code, 403)
+        self.assertNotIn('class="deletelink"',
+                         self.client.get(f"/admin/gateway/apitoken/{used.pk}/change/").content.decode())
+        self.assertNotIn("delete_selected", self.client.get("/admin/gateway/apitoken/").content.decode())
+        self.client.post(f"/admin/gateway/apitoken/{unused.pk}/delete/", {"post": "yes"})
+        self.assertEqual(list(ApiToken.objects.values_list("name", flat=True)), ["used"])
+
+    def test_bad_values_are_refused_on_save_not_kept_silently(self) -> None:
+        price = {"model": "dall-e-3", "size": "1024X1024", "quality": "", "usd_per_image": "0.0123",
+                 "effective_from_0": "2026-01-01", "effective_from_1": "00:00:00"}
+        r = self.client.post("/admin/gateway/price/add/", {**price, "usd_per_image": "-0.05"})
+        self.assertIn("cannot be below zero", r.content.decode())
+        r = self.client.post("/admin/gateway/price/add/", {**price, "size": "1024 by 1024"})
+        self.assertIn("WIDTHxHEIGHT", r.content.decode())
+        self.client.post("/admin/gateway/price/add/", price)
+        self.assertEqual(Price.objects.get(model="dall-e-3", usd_per_image=Decimal("0.0123")).size, "1024x1024")
+        token = {"name": "t", "enabled": "on", "budget": "", "allowed_models": "dall-e-3,dalle-3"}
+        r = self.client.post("/admin/gateway/apitoken/add/", token)
+        self.assertIn("No channel serves dalle-3", r.content.decode())
+        r = self.client.post("/admin/gateway/apitoken/add/", {**token, "allowed_models": "dall-e-3",
+                                                               "expires_at_0": "2020-01-01", "expires_at_1": "00:00"})
+        self.assertIn("That moment has passed", r.content.decode())
+        self.assertFalse(ApiToken.objects.filter(name="t").exists())
 
     def test_the_token_list_shows_budget_spent_and_last_use(self) -> None:
         make_token(name="team-a", budget="10")
@@ -123,7 +161,31 @@ class AdminTests(TestCase):
         self.assertIn("unknown keys: nope", r.content.decode())
         r = self.client.post("/admin/channels/channel/add/", self.channel_form(base_url="ftp://x"))
         self.assertIn("http(s) URL", r.content.decode())
+        for config in ("[1, 2]", '"b64_json"', "7"):
+            r = self.client.post("/admin/channels/channel/add/", self.channel_form(config=config))
+            self.assertEqual(r.status_code, 200)  # the form again, with the error on the field
+            self.assertIn("must be a JSON object of settings", r.content.decode())
         self.assertFalse(Channel.objects.exists())
+
+    def test_a_mistyped_console_address_gets_the_consoles_404_page(self) -> None:
+        r = self.client.get("/admin/gateway/nosuchthing/")
+        self.assertEqual(r.status_code, 404)
+        self.assertTrue(r["Content-Type"].startswith("text/html"))
+        self.assertEqual(self.client.get("/v1/nosuchthing").json()["error"]["type"], "invalid_request_error")
+
+    def test_the_channel_list_shows_each_channels_circuit_state(self) -> None:
+        healthy, broken = make_channel(name="healthy"), make_channel(name="broken")
+        for _ in range(settings.OPENOPEN8_BREAKER_THRESHOLD):
+            shared_state().circuit_failed(broken.pk)
+        shared_state().circuit_failed(healthy.pk)
+        html = self.client.get("/admin/channels/channel/").content.decode()
+        self.assertIn("open for", html)
+        self.assertIn("closed (1 recent fault(s))", html)
+        self.assertNotIn("Circuit object", html)
+
+    def test_the_demo_channel_is_labelled_as_such(self) -> None:
+        make_channel(kind="placeholder", name="Placeholder (demo)", demo=True)
+        self.assertIn("DEMO", self.client.get("/admin/channels/channel/").content.decode())
 
     def test_channel_actions_disable_and_enable_and_the_list_shows_status(self) -> None:
         channel = make_channel(base_url="http://127.0.0.1:9", last_error="The provider failed (HTTP 500).")

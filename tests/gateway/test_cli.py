@@ -63,7 +63,7 @@ class OperatorCliTests(TestCase):
         out = run("bootstrap", "--url", "http://127.0.0.1:8000")
         key = next(word for word in out.split() if word.startswith("sk-"))
         self.assertIn("curl http://127.0.0.1:8000/v1/images/generations", out)
-        self.assertEqual(Channel.objects.get().kind, "placeholder")
+        self.assertEqual((Channel.objects.get().kind, Channel.objects.get().demo), ("placeholder", True))
         r = post_json(self.client, "/v1/images/generations", {"model": "dall-e-3", "prompt": "a"}, key)
         self.assertEqual(r.status_code, 200)
         again = run("bootstrap")

@@ -374,6 +374,31 @@ class ImagesApiTests(ApiTestCase):
         assert_openai_error(self.client.post("/v1/images/nothing"), 404, "invalid_request_error")
 
 
+class DemoChannelTests(ApiTestCase):
+    body = {"model": "dall-e-3", "prompt": "a lighthouse"}
+
+    def setUp(self) -> None:
+        super().setUp()
+        make_channel(kind="placeholder", name="Placeholder (demo)", demo=True)
+
+    def test_the_demo_channel_serves_only_keys_that_pay_nothing(self) -> None:
+        _, free = make_token(name="free")
+        self.assertEqual(post_json(self.client, "/v1/images/generations", self.body, free).status_code, 200)
+        _, paying = make_token(name="paying", budget="5")
+        r = post_json(self.client, "/v1/images/generations", self.body, paying)
+        assert_openai_error(r, 404, "invalid_request_error", "model_not_found", param="model")
+        self.assertIn("only by the demo channel", r.json()["error"]["message"])
+
+    def test_a_paying_key_is_served_by_a_real_channel_beside_the_demo(self) -> None:
+        _, paying = make_token(name="paying", budget="5")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, models="dall-e-3")
+            for _ in range(4):
+                self.assertEqual(post_json(self.client, "/v1/images/generations", self.body, paying).status_code, 200)
+        self.assertEqual(len(up.requests), 4)  # the real channel every time, never the demo
+
+
 class PendingRowTests(TransactionTestCase):
     def test_the_usage_row_and_the_budget_hold_exist_before_the_provider_is_called(self) -> None:
         restore_default_prices()

@@ -20,7 +20,8 @@ class Command(BaseCommand):
         if ApiToken.objects.exists() or Channel.objects.exists():
             self.stdout.write("Existing tokens and channels kept. New key: python manage.py createtoken NAME")
             return
-        Channel.objects.create(name="Placeholder (demo)", kind="placeholder", served_models="dall-e-2,dall-e-3")
+        Channel.objects.create(name="Placeholder (demo)", kind="placeholder", served_models="dall-e-2,dall-e-3",
+                               demo=True)
         _token, key = token_create(name="demo")
         url = opts["url"]
         self.stdout.write(f"""
