@@ -3,9 +3,10 @@ setting a rejected key aside, testing a channel."""
 
 from __future__ import annotations
 
+import threading
 import time
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from channels import adapters
@@ -116,7 +117,30 @@ def channel_test(channel: Channel, *, real: bool = False) -> tuple[bool, str]:
             results.append(f"{label}: {mask_secrets(error.message, key)}")
     message = "; ".join(results)
     latency_ms = int((time.monotonic() - started) * 1000)
+    passed = {"last_error": "", "last_error_at": None} if ok else {}  # a channel that works is not "failing"
     Channel.objects.filter(pk=channel.pk).update(last_test_at=timezone.now(), last_test_ok=ok,
-                                                 last_test_message=message[:2000], last_test_latency_ms=latency_ms)
+                                                 last_test_message=message[:2000], last_test_latency_ms=latency_ms,
+                                                 **passed)
     return ok, message
+
+
+def channels_test(channels: list[Channel], *, real: bool = False, within: float = 60.0) -> list[tuple[bool, str]]:
+    """``channel_test`` of several channels at once, for at most ``within`` seconds in all: a channel still being
+    tested then is reported as such (its test goes on, and records its result when it ends)."""
+    results: list[tuple[bool, str] | None] = [None] * len(channels)
+
+    def one(index: int) -> None:
+        try:
+            results[index] = channel_test(channels[index], real=real)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(channels))]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+    return [r if r is not None else (False, f"still testing after {within:g} s; see its last test later")
+            for r in results]
 

@@ -37,6 +37,8 @@ FIRST_EVENT_SECONDS = Histogram("openopen8_stream_first_event_seconds",
                                 buckets=LATENCY_BUCKETS, registry=_registry)
 BUDGET_REFUSALS = Counter("openopen8_budget_refusals", "Requests refused because the key's budget was spent.",
                           registry=_registry)
+AUTH_FAILURES = Counter("openopen8_auth_failures", "Requests refused for their API key, by why.", ["reason"],
+                        registry=_registry)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # Provider error codes counted by name; any other code (a provider may put anything there, a key included) counts
 # as "other", which also keeps the label set bounded.
@@ -46,6 +48,10 @@ KNOWN_CODES = frozenset({
     "billing_hard_limit_reached", "request_too_large", "service_unavailable", "server_error", "unsupported_value",
     "invalid_image", "image_too_large", "organization_verification_required",
 }) | REFUSAL_CODES
+
+
+def record_auth_failure(reason: str) -> None:
+    AUTH_FAILURES.labels(reason).inc()
 
 
 def record_first_event(endpoint: str, seconds: float) -> None:

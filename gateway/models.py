@@ -396,3 +396,29 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} #{self.attempt} {self.status_code or self.error[:40]}"
+
+
+class FailedAuthentication(models.Model):
+    """Refused API keys, counted by what they begin with (never the key): an operator sees a client with a wrong,
+    disabled or expired key, or someone guessing."""
+
+    class Reason(models.TextChoices):
+        UNKNOWN = "unknown", "no such key"
+        DISABLED = "disabled", "the key is disabled"
+        EXPIRED = "expired", "the key has expired"
+        MALFORMED = "malformed", "not a Bearer sk- key"
+
+    key_start = models.CharField("key begins", max_length=16, help_text="sk- and the first 8 characters after it.")
+    reason = models.CharField(max_length=10, choices=Reason.choices)
+    token = models.ForeignKey(ApiToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    count = models.PositiveBigIntegerField(default=0)
+    first_at = models.DateTimeField(default=timezone.now)
+    last_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key_start", "reason"], name="one_row_a_refused_key")]
+        ordering = ["-last_at"]
+        verbose_name = "refused key"
+
+    def __str__(self) -> str:
+        return f"{self.key_start}… {self.reason} ×{self.count}"

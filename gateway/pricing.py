@@ -113,7 +113,7 @@ def output_tokens_ceiling(size: str | None, quality: str | None) -> int:
     if size in OUTPUT_TOKENS:
         return OUTPUT_TOKENS[size][tier]
     width, _, height = (size or "").partition("x")
-    if not (width.isdigit() and height.isdigit()):
+    if not (width.isdecimal() and height.isdecimal()):
         return max(row[tier] for row in OUTPUT_TOKENS.values())
     return math.ceil(OUTPUT_TOKENS["1024x1024"][tier] * int(width) * int(height) / (1024 * 1024))
 

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from channels import adapters
 from channels.adapters import ChannelTarget
+from channels.models import Channel
 from gateway import dispatch
 from gateway.cache import ConfigSnapshot, config_snapshot
 from gateway.idempotency import (
@@ -165,6 +166,10 @@ def _targets(config: ConfigSnapshot, req: ImageRequest, token: ApiToken) -> list
         if not targets:
             raise ModelNotFound(f"The model '{req.model}' is served only by the demo channel, which does not serve "
                                 "API keys with a budget.", param="model", code="model_not_found")
+    if not targets and any(c.serves(req.model) for c in Channel.objects.filter(enabled=False)):
+        # Not an unknown model: the operator (or the gateway, after faults) turned its channels off.
+        raise ServiceUnavailable(f"The model '{req.model}' is served only by channels that are disabled right now; "
+                                 "try again later.", code="model_unavailable", retry_after=60)
     if not targets:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
     files = {name for name, f in (("image", req.images), ("mask", req.mask), ("markup", req.markup)) if f}

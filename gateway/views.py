@@ -101,7 +101,7 @@ class GatewayApi(APIView):
         super().initial(request, *args, **kwargs)
         length = request.META.get("CONTENT_LENGTH") or "0"
         cap = settings.OPENOPEN8_MAX_REQUEST_BYTES
-        if length.isdigit() and int(length) > cap:
+        if length.isdecimal() and int(length) > cap:
             raise RequestTooLarge(f"The request body is {int(length)} bytes; this gateway accepts at most {cap}.")
 
 
@@ -191,7 +191,7 @@ class JobsApi(GatewayApi):
     def get(self, request: Request) -> Response:
         params = _only(request.query_params, "limit", "after")
         limit = params.get("limit", "20")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        if not limit.isdecimal() or not 1 <= int(limit) <= 100:
             raise InvalidRequest("'limit' must be a whole number from 1 to 100.", param="limit")
         jobs, more = jobs_of(cast(ApiAccess, request.auth).token, limit=int(limit), after=params.get("after"))
         return Response(jobs_page(jobs, more), headers={"Cache-Control": "no-store"})

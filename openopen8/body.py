@@ -136,10 +136,10 @@ def body_deadline(app: WSGIApp, *, seconds: float, gevent: bool) -> WSGIApp:
         sock = environ.get("gunicorn.socket")
         length = environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if sock is None or not (chunked or (length.isdigit() and int(length) > 0)):
+        if sock is None or not (chunked or (length.isdecimal() and int(length) > 0)):
             return app(environ, start_response)
         body = DeadlineInput(environ["wsgi.input"], sock, deadline=time.monotonic() + seconds,
-                             length=int(length) if length.isdigit() else 1 << 62, seconds=seconds,
+                             length=int(length) if length.isdecimal() else 1 << 62, seconds=seconds,
                              gevent_timeout=gevent_timeout)
         environ["wsgi.input"] = body
         return _Closing(app(environ, start_response), body)

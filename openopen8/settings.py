@@ -7,6 +7,7 @@ process refuses to start on the development secret key.
 
 from __future__ import annotations
 
+import zoneinfo
 from datetime import timedelta
 
 import dj_database_url
@@ -284,7 +285,14 @@ REST_FRAMEWORK = {
 }
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
+# The console shows times in this zone (an IANA name such as Asia/Shanghai); everything is stored in UTC, and the
+# budget periods and the client API keep UTC.
+TIME_ZONE = env("OPENOPEN8_TIME_ZONE", "UTC")
+try:
+    zoneinfo.ZoneInfo(TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    raise ImproperlyConfigured(f"OPENOPEN8_TIME_ZONE must be an IANA time zone such as Asia/Shanghai, not "
+                               f"{TIME_ZONE!r}") from None
 USE_I18N = True
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

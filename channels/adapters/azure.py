@@ -39,7 +39,7 @@ class AzureAdapter(OpenAICompatibleAdapter):
     def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
         only_keys(raw, {"api_version", "response_format"})
         version = raw.get("api_version", DEFAULT_API_VERSION)
-        if not isinstance(version, str) or not version[:4].isdigit():
+        if not isinstance(version, str) or not version[:4].isdecimal():
             raise ValueError("api_version must look like 2025-04-01-preview")
         base = OpenAICompatibleAdapter.parse_config({k: v for k, v in raw.items() if k == "response_format"})
         return Config(api_version=version, response_format=base.response_format)

@@ -71,7 +71,7 @@ class Poll:
 
 def retry_after(resp: UpstreamResponse) -> int | None:
     value = resp.headers.get("retry-after", "")
-    return int(float(value)) if value.replace(".", "", 1).isdigit() else None
+    return int(float(value)) if value.replace(".", "", 1).isdecimal() else None
 
 
 class Adapter:

@@ -15,7 +15,9 @@ from openopen8.core.schemas import ImageInput
 def dimensions(size: str | None) -> tuple[int, int] | None:
     """``(width, height)`` for a ``WxH`` size; ``None`` for ``auto``, no size or anything else."""
     width, _, height = (size or "").partition("x")
-    return (int(width), int(height)) if width.isdigit() and height.isdigit() and int(width) and int(height) else None
+    if width.isdecimal() and height.isdecimal() and int(width) and int(height):
+        return int(width), int(height)
+    return None
 
 
 def nearest_ratio(size: str | None, ratios: list[str]) -> str | None:

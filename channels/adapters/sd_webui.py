@@ -32,7 +32,7 @@ class Config:
 
 def parse_size(size: str, param: str = "size") -> tuple[int, int]:
     width, _, height = size.partition("x")
-    if not (width.isdigit() and height.isdigit() and 64 <= int(width) <= 8192 and 64 <= int(height) <= 8192):
+    if not (width.isdecimal() and height.isdecimal() and 64 <= int(width) <= 8192 and 64 <= int(height) <= 8192):
         raise InvalidRequest(f"Invalid size '{size}': expected WIDTHxHEIGHT in pixels, 64 to 8192 each.", param=param)
     return int(width), int(height)
 

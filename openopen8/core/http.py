@@ -72,7 +72,7 @@ class UpstreamResponse:
 def _read(resp: BaseHTTPResponse, max_bytes: int, into: IO[bytes]) -> None:
     declared = resp.headers.get("content-length", "")
     too_big = UpstreamError(f"The answer is larger than the {max_bytes}-byte cap.", channel_fault=True)
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isdecimal() and int(declared) > max_bytes:
         raise too_big
     size = 0
     for chunk in resp.stream(CHUNK, decode_content=True):

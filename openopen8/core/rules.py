@@ -82,7 +82,7 @@ def _check_size(size: str, rule: JSONDict, model: str) -> None:
         return
     custom = rule.get("custom_sizes")
     width, _, height = size.partition("x")
-    if custom and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0:
+    if custom and width.isdecimal() and height.isdecimal() and int(width) > 0 and int(height) > 0:
         w, h = int(width), int(height)
         if (w % custom["multiple"] == 0 and h % custom["multiple"] == 0 and max(w, h) <= custom["max_edge"]
                 and max(w, h) <= custom["max_ratio"] * min(w, h) and w * h <= custom["max_pixels"]):
@@ -112,7 +112,7 @@ def from_form(fields: JSONDict) -> JSONDict:
     typed = dict(fields)
     for name in INT_FIELDS:
         value = typed.get(name)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
             typed[name] = int(value)
     if isinstance(typed.get("stream"), str):
         typed["stream"] = typed["stream"].strip().lower() in ("true", "1")

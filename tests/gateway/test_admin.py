@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.test import TestCase
+from django.test import TestCase, override_settings
 
 from channels.models import Channel
 from gateway.models import ApiToken, ImageJob, Price, TokenGroup
@@ -103,6 +104,25 @@ class AdminTests(TestCase):
                                                                "expires_at_0": "2020-01-01", "expires_at_1": "00:00"})
         self.assertIn("That moment has passed", r.content.decode())
         self.assertFalse(ApiToken.objects.filter(name="t").exists())
+
+    def test_a_usage_row_shows_money_in_usd_and_its_attempts_as_a_table_and_filters_by_code_and_status(self) -> None:
+        log = make_usage_log(status="error", http_status=502, error_code="upstream_error", cost_micros=1_234_500,
+                             attempts=[{"channel": 1, "name": "east", "outcome": "error", "status": 502,
+                                        "code": "upstream_error", "message": "The provider failed (HTTP 500).",
+                                        "latency_ms": 812}])
+        make_usage_log(status="success", http_status=200)
+        page = self.client.get(f"/admin/gateway/usagelog/{log.pk}/change/").content.decode()
+        self.assertIn("1.2345", page)
+        self.assertNotIn("1234500", page)
+        self.assertIn("<td>east</td><td>error</td><td>502</td><td>upstream_error</td><td>812</td>", page)
+        listed = self.client.get("/admin/gateway/usagelog/?error_code=upstream_error&http_status=502")
+        self.assertContains(listed, "1 usage log")
+
+    def test_the_console_shows_times_in_the_operators_time_zone(self) -> None:
+        make_usage_log(created_at=datetime(2026, 12, 3, 1, 30, tzinfo=UTC))
+        with override_settings(TIME_ZONE="Asia/Shanghai"):
+            html = self.client.get("/admin/gateway/usagelog/").content.decode()
+        self.assertIn("Dec. 3, 2026, 9:30 a.m.", html)
 
     def test_the_token_list_shows_budget_spent_and_last_use(self) -> None:
         make_token(name="team-a", budget="10")

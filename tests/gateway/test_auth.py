@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.contrib.auth.models import User
 from django.utils import timezone
 
-from gateway.models import ApiToken, UsageLog
+from gateway.models import ApiToken, FailedAuthentication, UsageLog
 from tests.base import ApiTestCase, assert_openai_error
 from tests.factories import make_channel, make_token
 
@@ -73,3 +74,21 @@ class AuthenticationTests(ApiTestCase):
     def test_a_rejected_key_writes_no_usage_row(self) -> None:
         self.generate({"prompt": "a cat"}, key="sk-" + "y" * 40)
         self.assertEqual(UsageLog.objects.count(), 0)
+
+
+class RefusedKeyTests(ApiTestCase):
+    def test_refused_keys_are_counted_by_how_they_begin_and_shown_to_the_operator(self) -> None:
+        wrong = "sk-wrongwrongwrongwrongwrongwrongwrong01"
+        for _ in range(3):
+            self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}, key=wrong).status_code, 401)
+        disabled, disabled_key = make_token(name="old", enabled=False)
+        self.generate({"model": "dall-e-2", "prompt": "a"}, key=disabled_key)
+        rows = {(r.key_start, r.reason): r for r in FailedAuthentication.objects.all()}
+        self.assertEqual(rows[("sk-wrongwro", "unknown")].count, 3)
+        self.assertEqual(rows[(f"sk-{disabled.key_prefix}", "disabled")].token_id, disabled.pk)
+        self.assertFalse(any(wrong in str(vars(r)) for r in rows.values()))  # never the key itself
+        self.client.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+        html = self.client.get("/admin/gateway/failedauthentication/").content.decode()
+        self.assertIn("sk-wrongwro", html)
+        metrics = self.client.get("/metrics").content.decode()
+        self.assertIn('openopen8_auth_failures_total{reason="unknown"}', metrics)

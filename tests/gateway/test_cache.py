@@ -71,8 +71,8 @@ class HotPathTests(ApiTestCase):
             self.assertEqual(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key).status_code, 200)
             channel.enabled = False
             channel.save()
-            assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key), 404,
-                                "invalid_request_error", "model_not_found", "model")
+            assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}, key=key), 503,
+                                "server_error", "model_unavailable")
             Channel.objects.filter(pk=channel.pk).update(enabled=True)  # a bulk update: no signal...
             self.client.force_login(self.superuser())
             self.client.post("/admin/gateway/apitoken/", {"action": "disable", "_selected_action": [token.pk]})
@@ -194,7 +194,7 @@ class RedisHotPathTests(ApiTestCase):
             Channel.objects.filter(pk=channel.pk).update(enabled=False)  # no signal: this process is not told
             self.other_node.bump_config_version()  # ...but another node announces the change
             eventually(lambda: self.state.versions() == self.other_node.read_versions())
-            assert_openai_error(self.generate(self.BODY), 404, "invalid_request_error", "model_not_found", "model")
+            assert_openai_error(self.generate(self.BODY), 503, "server_error", "model_unavailable")
 
     def test_while_the_subscription_is_lost_requests_read_the_versions_themselves(self) -> None:
         with FakeUpstream() as up:
@@ -208,7 +208,7 @@ class RedisHotPathTests(ApiTestCase):
             self.other_node.bump_config_version()
             missing: list[Any] = []
             self.assertEqual(self.commands_of(lambda: missing.append(self.generate(self.BODY))), {"mget": 1})
-            assert_openai_error(missing[0], 404, "invalid_request_error", "model_not_found", "model")
+            assert_openai_error(missing[0], 503, "server_error", "model_unavailable")
             # Subscribed again, the process reads what it missed and asks nothing per request.
             eventually(self.state.listening)
             Channel.objects.filter(pk=channel.pk).update(enabled=True)

@@ -254,9 +254,12 @@ class ImagesApiTests(ApiTestCase):
         self.assertIn("dall-e-3", error["message"])
 
     def test_a_disabled_channel_is_not_used(self) -> None:
-        make_channel(base_url="http://127.0.0.1:9", models="dall-e-2", enabled=False)
-        assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}), 404, "invalid_request_error",
-                            "model_not_found", "model")
+        with FakeUpstream() as up:
+            up.respond(200, openai_images(1))
+            make_channel(base_url=up.url, models="dall-e-2", enabled=False)
+            assert_openai_error(self.generate({"model": "dall-e-2", "prompt": "a"}), 503, "server_error",
+                                "model_unavailable")
+        self.assertEqual(up.requests, [])
 
     def test_when_every_channel_fails_the_error_names_no_key_or_address(self) -> None:
         with FakeUpstream() as up:
@@ -397,6 +400,17 @@ class DemoChannelTests(ApiTestCase):
             for _ in range(4):
                 self.assertEqual(post_json(self.client, "/v1/images/generations", self.body, paying).status_code, 200)
         self.assertEqual(len(up.requests), 4)  # the real channel every time, never the demo
+
+
+class DisabledChannelTests(ApiTestCase):
+    def test_a_model_whose_channels_are_all_disabled_is_unavailable_not_unknown(self) -> None:
+        make_channel(kind="placeholder", models="dall-e-3", enabled=False)
+        r = self.generate({"model": "dall-e-3", "prompt": "a"})
+        assert_openai_error(r, 503, "server_error", "model_unavailable")
+        self.assertEqual(r["Retry-After"], "60")
+        self.assertEqual(UsageLog.objects.get().error_code, "model_unavailable")
+        r = self.generate({"model": "no-such-model", "prompt": "a"})
+        assert_openai_error(r, 404, "invalid_request_error", "model_not_found", param="model")
 
 
 class PendingRowTests(TransactionTestCase):

@@ -92,3 +92,28 @@ class ApiSurfaceTests(TestCase):
                         self.assertEqual(set(r.json()["error"]), {"message", "type", "param", "code"})
                     if method != "get" and path in ("/healthz", "/readyz", "/metrics", "/v1/images/files/abc.png"):
                         self.assertEqual(r.status_code, 405)
+
+
+class UnicodeDigitTests(ApiTestCase):
+    """Characters that str.isdigit() takes for digits but int() refuses (a superscript three) are bad input, never a
+    500: schemathesis found `limit=³`."""
+
+    def test_superscript_digits_are_refused_as_bad_input(self) -> None:
+        make_channel(kind="placeholder", models="*")
+        auth = {"Authorization": f"Bearer {self.key}"}
+        self.assertEqual(self.client.get("/v1/images/jobs?limit=³", headers=auth).status_code, 400)
+        for body in ({"model": "some-model", "prompt": "a", "size": "³x³"},
+                     {"model": "dall-e-2", "prompt": "a", "size": "²⁵⁶x²⁵⁶"}):
+            r = self.generate(body)
+            self.assertEqual((r.status_code, r.json()["error"]["param"]), (400, "size"))
+        r = self.client.post("/v1/images/edits", {"model": "gpt-image-1.5", "prompt": "a", "n": "³",
+                                                  "image": _png_upload()}, headers=auth)
+        self.assertEqual(r.status_code, 400)
+
+
+def _png_upload() -> Any:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.factories import png_bytes
+
+    return SimpleUploadedFile("a.png", png_bytes(16, 16), "image/png")

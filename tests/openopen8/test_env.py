@@ -96,3 +96,12 @@ def test_the_data_directory_and_the_sqlite_file_it_creates_are_the_owners_alone(
                             env=clean_env(DJANGO_SETTINGS_MODULE="openopen8.settings", OPENOPEN8_DATA_DIR=str(data)))
     assert result.returncode == 0, result.stderr
     assert (data.stat().st_mode & 0o777, (data / "openopen8.sqlite3").stat().st_mode & 0o777) == (0o700, 0o600)
+
+
+def test_settings_refuse_an_unknown_time_zone_and_a_bad_webhook_schedule_by_name(tmp_path: Path) -> None:
+    for name, value, says in (("OPENOPEN8_TIME_ZONE", "Mars/Olympus", "IANA time zone"),
+                              ("OPENOPEN8_WEBHOOK_RETRIES", "5,soon", "numbers separated by commas")):
+        refused = django_settings(tmp_path, OPENOPEN8_DATA_DIR=str(tmp_path), **{name: value})
+        assert refused.returncode != 0 and f"{name} must be" in refused.stderr and says in refused.stderr
+    shanghai = django_settings(tmp_path, OPENOPEN8_DATA_DIR=str(tmp_path), OPENOPEN8_TIME_ZONE="Asia/Shanghai")
+    assert shanghai.returncode == 0, shanghai.stderr[-2000:]
