@@ -44,6 +44,24 @@ class EventStream:
             yield index, f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
 
 
+class Overlapping:
+    """An answer given after ``seconds``, counting how many requests the provider held at once (``most``)."""
+
+    def __init__(self, answer: Any, seconds: float) -> None:
+        self.answer, self.seconds = answer, seconds
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, _request: Any) -> Any:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+        return self.answer
+
+
 Body = bytes | str | dict[str, Any] | list[Any] | EventStream
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from typing import Any
 from unittest import mock
 
 from django.contrib.auth.models import User
@@ -12,7 +9,7 @@ from django.test import TransactionTestCase
 
 from channels.models import Channel
 from tests.factories import make_channel, openai_images
-from tests.fake_upstream import FakeUpstream, Recorded
+from tests.fake_upstream import FakeUpstream, Overlapping
 
 
 class ChannelTestActionTests(TransactionTestCase):  # the tests run in threads of their own, on their own connections
@@ -61,23 +58,14 @@ class ChannelTestActionTests(TransactionTestCase):  # the tests run in threads o
         self.assertEqual(channel.last_error, "")
 
     def test_channels_are_tested_at_once_and_the_page_waits_a_bounded_time(self) -> None:
-        running, most, lock = [0], [0], threading.Lock()
-
-        def slow(_: Recorded) -> Any:
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            time.sleep(0.5)
-            with lock:
-                running[0] -= 1
-            return {"data": []}
+        slow = Overlapping({"data": []}, 0.5)
 
         with FakeUpstream() as up:
             up.respond(200, slow)
             channels = [make_channel(base_url=up.url + "/v1", name=f"slow {i}") for i in range(3)]
             self.client.post("/admin/channels/channel/", {"action": "test_probe",
                                                           "_selected_action": [c.pk for c in channels]})
-            self.assertEqual(most[0], 3)  # all three providers asked at once
+            self.assertEqual(slow.most, 3)  # all three providers asked at once
             up.respond(200, {"data": []}, delay=3)
             with mock.patch("channels.admin.TEST_WITHIN_S", 0.3):
                 page = self.act("test_probe", channels[0])

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -25,7 +24,7 @@ from gateway.models import ApiToken, IdempotentRequest, ImageJob, UsageLog
 from gateway.services import jobs_sweep
 from tests.base import eventually
 from tests.factories import make_channel, make_price, make_token, png_b64, png_bytes
-from tests.fake_upstream import FakeUpstream, Recorded
+from tests.fake_upstream import FakeUpstream, Overlapping
 from tests.processes import ROOT, database_url
 
 ASYNC = {"Prefer": "respond-async"}
@@ -184,16 +183,7 @@ class JobTests(JobTestCase):
 
     def test_jobs_wait_in_the_queue_for_a_channel_at_its_limit_instead_of_failing(self) -> None:
         self.start_runner()
-        running, most, lock = [0], [0], threading.Lock()
-
-        def slow(_: Recorded) -> dict[str, Any]:
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            time.sleep(0.4)
-            with lock:
-                running[0] -= 1
-            return {"created": 1, "data": [{"b64_json": png_b64()}]}
+        slow = Overlapping({"created": 1, "data": [{"b64_json": png_b64()}]}, 0.4)
 
         with FakeUpstream() as up:
             up.respond(200, slow)
@@ -201,7 +191,7 @@ class JobTests(JobTestCase):
             ids = [self.submit().json()["id"] for _ in range(4)]
             states = [self.poll(job_id, within=30)["status"] for job_id in ids]
         self.assertEqual(states, ["succeeded"] * 4)
-        self.assertEqual((len(up.requests), most[0]), (4, 1))
+        self.assertEqual((len(up.requests), slow.most), (4, 1))
         self.assertEqual(self.spent(), 4 * 20000)
 
     def test_an_edit_job_keeps_its_input_until_it_ends(self) -> None:
