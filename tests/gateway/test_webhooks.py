@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 import requests
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import User
 from django.test import override_settings
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -62,7 +63,7 @@ class WebhookTests(JobTestCase):
             eventually(lambda: len(receiver.requests) == 1)
             self.client.post("/admin/gateway/imagejob/", {"action": "redeliver", "_selected_action": [job_id]})
             eventually(lambda: len(receiver.requests) == 2)
-            page = self.client.get(f"/admin/gateway/imagejob/{job_id}/change/").content.decode()
+            page = self.client.get(f"/admin/gateway/imagejob/{quote(job_id)}/change/").content.decode()
         self.assertEqual(WebhookDelivery.objects.filter(job_id=job_id, delivered=True).count(), 2)
         self.assertIn("delivered", page)
 
