@@ -10,9 +10,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from channels.adapters import KIND_CHOICES
+from channels.adapters import KIND_CHOICES, get_adapter
 from channels.models import ENDPOINTS, Channel, split_names
 from channels.services import channels_test
 from gateway.state import CircuitView, shared_state
@@ -20,6 +20,21 @@ from openopen8.admin import EnableDisableAdmin
 
 _page = threading.local()
 TEST_WITHIN_S = 30.0  # the page waits this long for the tests it started, whatever their number
+
+
+def kind_help() -> str:
+    """What each channel type serves and which config keys it reads, one block a type; the form's script shows the
+    chosen type's."""
+    blocks = []
+    for kind, label in KIND_CHOICES:
+        adapter = get_adapter(kind)
+        served = [e for e in ENDPOINTS if e in adapter.endpoints]
+        files = ", ".join(sorted(adapter.file_fields)) if adapter.max_input_images else "none"
+        blocks.append((kind, ",".join(served), label, ", ".join(served), adapter.max_input_images, files,
+                       ", ".join(sorted(adapter.config_keys)) or "none (leave the config {})"))
+    return format_html_join(
+        "", '<div class="oo8-kind-help" data-kind="{}" data-endpoints="{}"><strong>{}</strong>: serves {}; up to {} '
+            "input image(s); files: {}; config keys: {} (see the README's channel types).</div>", blocks)
 
 
 class ChannelForm(forms.ModelForm):
@@ -36,8 +51,12 @@ class ChannelForm(forms.ModelForm):
                   "weight", "enabled", "timeout", "connect_timeout", "safe_to_retry", "images_per_minute",
                   "max_in_flight", "end_user", "config", "demo"]
 
+    class Media:
+        js = ("channels/channel_form.js",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fields["kind"].help_text = kind_help()
         if self.instance.pk:
             self.initial["endpoints"] = split_names(self.instance.endpoints)
         self.initial["api_key"] = ""  # stored keys never go back to the browser

@@ -8,6 +8,7 @@ false (Ark's own default is a visible mark). Its moderation codes are read as re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from channels.adapters.base import ChannelTarget, only_keys
 from channels.adapters.convert import data_url, dimensions
@@ -28,6 +29,7 @@ class Config:
 
 
 class ArkAdapter(OpenAICompatibleAdapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"default_size", "hd_size", "watermark", "response_format"})
     streams = False  # Ark streams events of its own shape; the gateway makes OpenAI's from its answer
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 14
@@ -35,7 +37,7 @@ class ArkAdapter(OpenAICompatibleAdapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
-        only_keys(raw, {"default_size", "hd_size", "watermark", "response_format"})
+        only_keys(raw, ArkAdapter.config_keys)
         for key in ("default_size", "hd_size"):
             if key in raw and raw[key] not in TIERS and dimensions(raw[key]) is None:
                 raise ValueError(f"{key} must be 1K, 2K, 4K or WIDTHxHEIGHT")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from channels.adapters.base import ChannelTarget, classify, only_keys
 from channels.adapters.openai import OpenAICompatibleAdapter
@@ -32,12 +32,13 @@ def _filter_refusal(error: Any) -> bool:
 
 
 class AzureAdapter(OpenAICompatibleAdapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"api_version", "response_format"})
     endpoints = frozenset({"generations", "edits"})  # Azure has no variations
     file_fields = frozenset({"image", "mask"})
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:  # type: ignore[override]
-        only_keys(raw, {"api_version", "response_format"})
+        only_keys(raw, AzureAdapter.config_keys)
         version = raw.get("api_version", DEFAULT_API_VERSION)
         if not isinstance(version, str) or not version[:4].isdecimal():
             raise ValueError("api_version must look like 2025-04-01-preview")

@@ -87,6 +87,8 @@ class Adapter:
     # Whether the provider streams OpenAI's image events when asked (``stream: true``); the others' images are
     # turned into events by the gateway when they are ready.
     streams: ClassVar[bool] = False
+    # The keys of the channel's config this type reads (the console lists them for the type chosen).
+    config_keys: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Any:

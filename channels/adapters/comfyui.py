@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, only_keys
@@ -50,13 +50,14 @@ def _malformed(why: str) -> UpstreamError:
 
 
 class ComfyUIAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"workflow", "default_size", "poll_interval"})
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 1
     file_fields = frozenset({"image", "mask"})
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"workflow", "default_size", "poll_interval"})
+        only_keys(raw, ComfyUIAdapter.config_keys)
         workflow = raw.get("workflow")
         if not isinstance(workflow, dict) or not workflow or not all(
                 isinstance(node, dict) and "class_type" in node for node in workflow.values()):

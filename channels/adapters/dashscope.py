@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import dimensions
@@ -97,13 +98,14 @@ def fit(size: str | None, rule: Rule) -> str | None:
 
 
 class DashScopeAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"min_side", "max_side", "max_n", "poll_interval"})
     endpoints = frozenset({"generations"})
     max_input_images = 0
     file_fields = frozenset()
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"min_side", "max_side", "max_n", "poll_interval"})
+        only_keys(raw, DashScopeAdapter.config_keys)
         config = Config(**raw)
         if not (0 < config.min_side <= config.max_side and 1 <= config.max_n <= 10 and config.poll_interval > 0):
             raise ValueError("need 0 < min_side <= max_side, max_n from 1 to 10 and a positive poll_interval")

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, key_rejected, rate_limited, retry_after
 from channels.adapters.convert import dimensions, nearest_ratio
@@ -99,13 +100,14 @@ def _is_imagen(req: ImageRequest, target: ChannelTarget) -> bool:
 
 
 class GeminiAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"with_text", "image_sizes"})
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 10
     file_fields = frozenset({"image"})
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        unknown = set(raw) - {"with_text", "image_sizes"}
+        unknown = set(raw) - GeminiAdapter.config_keys
         sizes = raw.get("image_sizes")
         if unknown or not isinstance(raw.get("with_text", False), bool) or not (
                 sizes is None or isinstance(sizes, list) and set(sizes) <= set(TIERS)):

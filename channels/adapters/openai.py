@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, only_keys
 from openopen8.core.errors import UpstreamError
@@ -31,11 +31,12 @@ def malformed(why: str) -> UpstreamError:
 
 
 class OpenAICompatibleAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"response_format"})
     streams = True
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"response_format"})
+        only_keys(raw, OpenAICompatibleAdapter.config_keys)
         fmt = raw.get("response_format")
         if fmt is not None and fmt not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")

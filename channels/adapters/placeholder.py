@@ -60,6 +60,7 @@ def render(req: UpstreamRequest, *, timeout: float, connect_timeout: float | Non
 
 class PlaceholderAdapter(OpenAICompatibleAdapter):
     streams = False
+    config_keys: ClassVar[frozenset[str]] = frozenset()
     needs_base_url: ClassVar[bool] = False
     transport = staticmethod(render)
 

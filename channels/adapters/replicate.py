@@ -15,7 +15,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, Poll, classify, only_keys
 from channels.adapters.convert import data_url, dimensions, nearest_ratio, repaint_mask
@@ -40,13 +40,15 @@ class Config:
 
 
 class ReplicateAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"inputs", "size_as", "max_outputs", "static_input", "wait",
+                                                       "poll_interval", "mask_as"})
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 1
     file_fields = frozenset({"image", "mask"})
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"inputs", "size_as", "max_outputs", "static_input", "wait", "poll_interval", "mask_as"})
+        only_keys(raw, ReplicateAdapter.config_keys)
         inputs = raw.get("inputs", {"prompt": "prompt"})
         if not isinstance(inputs, dict) or set(inputs) - set(MAPPABLE) or "prompt" not in inputs:
             raise ValueError(f"inputs maps some of {', '.join(MAPPABLE)} (prompt at least) to the model's input names")

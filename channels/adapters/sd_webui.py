@@ -6,7 +6,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import repaint_mask
@@ -38,6 +38,7 @@ def parse_size(size: str, param: str = "size") -> tuple[int, int]:
 
 
 class SDWebUIAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset(f.name for f in fields(Config))
     # img2img takes one init image, and a mask; no markup.
     max_input_images = 1
     file_fields = frozenset({"image", "mask"})
@@ -45,8 +46,7 @@ class SDWebUIAdapter(Adapter):
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        known = {f.name: f.type for f in fields(Config)}
-        only_keys(raw, set(known))
+        only_keys(raw, SDWebUIAdapter.config_keys)
         checks: dict[str, Any] = {"steps": int, "cfg_scale": (int, float), "sampler": str, "scheduler": str,
                                   "negative_prompt": str, "default_size": str, "quality_steps": dict,
                                   "denoising_strength": (int, float), "mask_blur": int}

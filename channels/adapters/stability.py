@@ -9,6 +9,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from channels.adapters.base import Adapter, ChannelTarget, classify, only_keys
 from channels.adapters.convert import nearest_ratio, repaint_mask
@@ -29,13 +30,14 @@ class Config:
 
 
 class StabilityAdapter(Adapter):
+    config_keys: ClassVar[frozenset[str]] = frozenset({"endpoint", "quality_endpoints", "style_preset"})
     endpoints = frozenset({"generations", "edits"})
     max_input_images = 1
     file_fields = frozenset({"image", "mask"})
 
     @staticmethod
     def parse_config(raw: JSONDict) -> Config:
-        only_keys(raw, {"endpoint", "quality_endpoints", "style_preset"})
+        only_keys(raw, StabilityAdapter.config_keys)
         if not isinstance(raw.get("quality_endpoints", {}), dict) or not isinstance(raw.get("style_preset", ""), str):
             raise ValueError("quality_endpoints must map qualities to endpoints; style_preset must be text")
         config = Config(**raw)

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import User
 from django.test import TestCase, override_settings
 
 from channels.models import Channel
-from gateway.models import ApiToken, ImageJob, Price, TokenGroup
+from gateway.models import ApiToken, ImageJob, Price, TokenGroup, UsageLog
 from gateway.state import shared_state
 from gateway.webhooks import webhook_secret
 from tests.base import post_json
@@ -65,7 +68,8 @@ class AdminTests(TestCase):
         job.refresh_from_db()
         token.refresh_from_db()
         self.assertEqual((job.status, token.spent_micros), ("cancelled", 0))
-        self.assertEqual(self.client.get(f"/admin/gateway/imagejob/{job.id}/change/").status_code, 200)
+        # The admin writes ids with its own quoting ("_" is "_5F"), as its links do.
+        self.assertEqual(self.client.get(f"/admin/gateway/imagejob/{quote(job.id)}/change/").status_code, 200)
 
     def test_a_tokens_webhook_secret_is_shown_and_rotated(self) -> None:
         token, _ = make_token(name="hooks")
@@ -117,6 +121,25 @@ class AdminTests(TestCase):
         self.assertIn("<td>east</td><td>error</td><td>502</td><td>upstream_error</td><td>812</td>", page)
         listed = self.client.get("/admin/gateway/usagelog/?error_code=upstream_error&http_status=502")
         self.assertContains(listed, "1 usage log")
+
+    def test_the_usage_list_exports_what_its_filters_show_as_csv(self) -> None:
+        token, _ = make_token(name="exporter")
+        UsageLog.objects.bulk_create([
+            UsageLog(request_id=f"req_{i:032x}", token=token, endpoint="generations", model="dall-e-3",
+                     status="error" if i % 4 == 0 else "success", http_status=502 if i % 4 == 0 else 200,
+                     cost_micros=0 if i % 4 == 0 else 40000) for i in range(2500)])
+        listed = self.client.get("/admin/gateway/usagelog/?status__exact=error").content.decode()
+        self.assertIn('href="/admin/gateway/usagelog/export/?status__exact=error"', listed)
+        r = self.client.get("/admin/gateway/usagelog/export/?status__exact=error")
+        self.assertTrue(r.streaming)
+        self.assertEqual(r["Content-Type"], "text/csv; charset=utf-8")
+        rows = list(csv.DictReader(io.StringIO(r.getvalue().decode())))
+        self.assertEqual(len(rows), 625)
+        self.assertEqual({(row["status"], row["http_status"], row["token"]) for row in rows},
+                         {("error", "502", "exporter")})
+        everything = self.client.get("/admin/gateway/usagelog/export/")
+        rows = list(csv.DictReader(io.StringIO(everything.getvalue().decode())))
+        self.assertEqual((len(rows), sum(row["cost_usd"] == "0.040000" for row in rows)), (2500, 1875))
 
     def test_the_console_shows_times_in_the_operators_time_zone(self) -> None:
         make_usage_log(created_at=datetime(2026, 12, 3, 1, 30, tzinfo=UTC))
@@ -202,6 +225,17 @@ class AdminTests(TestCase):
         self.assertIn("open for", html)
         self.assertIn("closed (1 recent fault(s))", html)
         self.assertNotIn("Circuit object", html)
+
+    def test_the_channel_form_tells_what_each_type_serves_and_reads(self) -> None:
+        page = self.client.get("/admin/channels/channel/add/").content.decode()
+        self.assertIn("channels/channel_form.js", page)
+        sd = re.search(r'<div class="oo8-kind-help" data-kind="sd-webui" data-endpoints="([^"]*)">(.*?)</div>', page)
+        assert sd is not None
+        self.assertEqual(sd.group(1), "generations,edits,variations")
+        self.assertIn("steps", sd.group(2))
+        self.assertIn("up to 1 input image(s); files: image, mask", sd.group(2))
+        self.assertIn('data-kind="dashscope" data-endpoints="generations"', page)
+        self.assertEqual(self.client.get("/static/channels/channel_form.js").status_code, 200)
 
     def test_the_demo_channel_is_labelled_as_such(self) -> None:
         make_channel(kind="placeholder", name="Placeholder (demo)", demo=True)
