@@ -1,4 +1,4 @@
-"""The console's session, user, messages and login-lockout middleware, skipped for API calls.
+"""The console's session, language, user, messages and login-lockout middleware, skipped for API calls.
 
 A ``/v1/`` call authenticates with its Bearer token and uses no session, no Django user and no messages, yet the three
 middleware built a session store, a lazy user and a message store (with its signer) for every call
@@ -16,6 +16,8 @@ from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
 from django.http import HttpRequest, HttpResponseBase
+from django.middleware.locale import LocaleMiddleware
+from django.utils import translation
 
 API_PREFIX = "/v1/"
 
@@ -43,3 +45,15 @@ class ConsoleMessageMiddleware(_ConsoleOnly, MessageMiddleware):
 
 class ConsoleAxesMiddleware(_ConsoleOnly, AxesMiddleware):  # type: ignore[misc]
     """django-axes' login lockout answer; API calls have no login."""
+
+
+class ConsoleLocaleMiddleware(_ConsoleOnly, LocaleMiddleware):
+    """The console in the browser's language (English or Chinese); the client API stays in OpenAI's English, so the
+    language is dropped again after each console request (a gthread worker's thread serves API calls next)."""
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            return super().__call__(request)
+        finally:
+            if not request.path_info.startswith(API_PREFIX):
+                translation.deactivate()

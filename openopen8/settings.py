@@ -187,6 +187,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "openopen8.middleware.ConsoleSessionMiddleware",
+    "openopen8.middleware.ConsoleLocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "openopen8.middleware.ConsoleAuthenticationMiddleware",
@@ -285,6 +286,8 @@ REST_FRAMEWORK = {
 }
 
 LANGUAGE_CODE = "en-us"
+# The console follows the browser's language among these; the client API answers in English whatever it asks.
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
 # The console shows times in this zone (an IANA name such as Asia/Shanghai); everything is stored in UTC, and the
 # budget periods and the client API keep UTC.
 TIME_ZONE = env("OPENOPEN8_TIME_ZONE", "UTC")
