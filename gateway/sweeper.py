@@ -22,6 +22,7 @@ from django.utils import timezone
 from gateway.billing import budget_adjust
 from gateway.journal import journal_replay
 from gateway.models import Counter, Lease, UsageLog
+from gateway.rollup import usage_rollup
 from gateway.services import jobs_sweep
 from gateway.usage_sql import ABANDONED
 
@@ -72,6 +73,7 @@ def _loop(interval: float) -> None:
             taken = jobs_sweep()
             if taken:
                 log.warning("took over %d image job(s) whose runner stopped", taken)
+            usage_rollup(timezone.now())  # the dashboard's hourly totals, kept current off its page
         except (OperationalError, InterfaceError) as error:
             if reached:
                 log.warning("sweep skipped: the database did not answer (%s)", type(error).__name__)
