@@ -13,9 +13,11 @@ class GatewayConfig(AppConfig):
         from django.db.models.signals import post_delete, post_save
 
         from channels.models import Channel
+        from gateway.audit import audit_register
         from gateway.cache import config_changed
         from gateway.models import ApiToken, Price, TokenGroup
 
         for model in (ApiToken, Channel, Price, TokenGroup):
             post_save.connect(config_changed, sender=model, dispatch_uid=f"config-changed-save-{model.__name__}")
             post_delete.connect(config_changed, sender=model, dispatch_uid=f"config-changed-delete-{model.__name__}")
+        audit_register()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -20,9 +21,16 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def _set_enabled(self, request: HttpRequest, queryset: QuerySet[Any], enabled: bool) -> None:
         changes = {"enabled": enabled, **(self.reset_on_enable if enabled else {})}
-        count, noun = queryset.update(**changes), queryset.model._meta.verbose_name_plural
-        config_changed()  # a bulk update sends no save signals
-        self.message_user(request, f"{count} {noun} {'enabled' if enabled else 'disabled'}.")
+        rows = list(queryset)
+        with transaction.atomic():
+            # Row by row, not one UPDATE: each change is saved, so the history records it (gateway/audit.py).
+            for row in rows:
+                for field, value in changes.items():
+                    setattr(row, field, value)
+                row.save(update_fields=list(changes))
+        config_changed()
+        noun = queryset.model._meta.verbose_name_plural
+        self.message_user(request, f"{len(rows)} {noun} {'enabled' if enabled else 'disabled'}.")
 
     @admin.action(description="Enable selected %(verbose_name_plural)s")
     def enable(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:

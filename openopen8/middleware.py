@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from auditlog.middleware import AuditlogMiddleware
 from axes.middleware import AxesMiddleware
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.messages.middleware import MessageMiddleware
@@ -45,6 +46,10 @@ class ConsoleMessageMiddleware(_ConsoleOnly, MessageMiddleware):
 
 class ConsoleAxesMiddleware(_ConsoleOnly, AxesMiddleware):  # type: ignore[misc]
     """django-axes' login lockout answer; API calls have no login."""
+
+
+class ConsoleAuditlogMiddleware(_ConsoleOnly, AuditlogMiddleware):  # type: ignore[misc]
+    """The operator behind each change in the history; API calls change nothing an operator set."""
 
 
 class ConsoleLocaleMiddleware(_ConsoleOnly, LocaleMiddleware):

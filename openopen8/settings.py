@@ -178,6 +178,7 @@ INSTALLED_APPS = [
     "axes",
     "django_tasks",
     "django_tasks_db",
+    "auditlog",
     "gateway",
     # Not the PyPI "channels" package (Django Channels), which must never be installed beside this app.
     "channels.apps.ChannelsConfig",
@@ -192,6 +193,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "openopen8.middleware.ConsoleAuthenticationMiddleware",
     "openopen8.middleware.ConsoleMessageMiddleware",
+    "openopen8.middleware.ConsoleAuditlogMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "openopen8.middleware.ConsoleAxesMiddleware",  # last, as django-axes asks
 ]
@@ -219,6 +221,9 @@ if OPENOPEN8_HTTPS:
     SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("OPENOPEN8_HSTS_INCLUDE_SUBDOMAINS", "true")
     # Preloading is a commitment no setting can take back: the operator submits the domain themselves.
     SILENCED_SYSTEM_CHECKS += ["security.W021"]
+
+# The history of changes (gateway/audit.py) keeps old and new values as JSON, not as text.
+AUDITLOG_STORE_JSON_CHANGES = True
 
 CSRF_FAILURE_VIEW = "gateway.exception_handlers.csrf_failure"
 ROOT_URLCONF = "openopen8.urls"
