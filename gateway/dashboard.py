@@ -15,7 +15,7 @@ from django.utils.translation import gettext_lazy as _
 from channels.models import Channel
 from gateway.models import ApiToken, Budgeted, FailedAuthentication, TokenGroup, UsageLog, from_micros
 from gateway.rollup import HOUR, Totals, by_dimension, by_hour, usage_rollup
-from gateway.state import shared_state
+from gateway.state import CircuitView, shared_state
 
 # A view: how far back it looks, and the width of one point of its charts.
 RANGES: dict[str, tuple[Any, timedelta, str]] = {
@@ -104,22 +104,26 @@ class Failing:
     recent_errors: int
 
 
-def failing_channels(now: datetime) -> list[Failing]:
+def recent_errors(now: datetime) -> dict[int | None, int]:
+    """Errors of the last hour by the channel that answered last (``None``: refused before any channel)."""
+    return dict(UsageLog.objects.filter(created_at__gte=now - RECENT, status=UsageLog.Status.ERROR)
+                .order_by().values_list("channel").annotate(n=Count("id")))
+
+
+def failing_channels(now: datetime, errors: dict[int | None, int]) -> list[Failing]:
     """Channels disabled by the gateway, with an open circuit, keys set aside, or errors in the last hour."""
     channels = list(Channel.objects.all())
     circuits = shared_state().circuits([c.pk for c in channels])
-    errors = dict(UsageLog.objects.filter(created_at__gte=now - RECENT, status=UsageLog.Status.ERROR)
-                  .exclude(channel=None).order_by().values_list("channel").annotate(n=Count("id")))
+    clock = time.time()
     failing = []
     for channel in channels:
         reasons = []
         if not channel.enabled and channel.disabled_reason:
             reasons.append(str(_("disabled by the gateway: %(why)s") % {"why": channel.disabled_reason}))
-        view = circuits.get(channel.pk)
-        state = view.state(time.time()) if view else "closed"
+        view = circuits.get(channel.pk, CircuitView())
+        state = view.state(clock)
         if state == "open":
-            reasons.append(str(_("circuit open for %(s)d s more") % {"s": int((view.open_until or 0) - time.time())
-                                                                         if view else 0}))
+            reasons.append(str(_("circuit open for %(s)d s more") % {"s": int((view.open_until or 0) - clock)}))
         elif state == "half_open":
             reasons.append(str(_("circuit half-open: the next request probes")))
         if channel.disabled_keys:
@@ -182,10 +186,10 @@ def dashboard(range_name: str, now: datetime | None = None) -> dict[str, Any]:
         top = rows[:8]
         chart[f"by_{name}"] = {"labels": [r.label for r in top], "spend": [r.spend_usd for r in top],
                                "requests": [r.totals.requests for r in top]}
+    errors = recent_errors(now)
     return {"range": range_name, "ranges": {k: v[0] for k, v in RANGES.items()}, "total": total,
             "spend_usd": f"{from_micros(total.cost_micros):.2f}", "error_rate": total.error_percent,
             "chart": chart, "breakdowns": [(name, BREAKDOWNS[name], rows) for name, rows in breakdowns.items()],
-            "failing": failing_channels(now), "budgets": nearest_budgets(now),
-            "recent_errors": UsageLog.objects.filter(created_at__gte=now - RECENT,
-                                                     status=UsageLog.Status.ERROR).count(),
+            "failing": failing_channels(now, errors), "budgets": nearest_budgets(now),
+            "recent_errors": sum(errors.values()),
             "refused_keys": FailedAuthentication.objects.filter(last_at__gte=now - RECENT).count()}

@@ -72,7 +72,9 @@ def usage_rollup(now: datetime) -> int:
     todo = [hour for hour in range(start, end, HOUR) if hour not in final]
     for first, last in _contiguous(todo):
         _roll(first, last)
-    RolledHour.objects.filter(hour__lt=start).delete()
+    if todo:  # a new hour was added up: the one that left the kept days goes (no write on a turn that adds none)
+        UsageHour.objects.filter(hour__lt=start).delete()
+        RolledHour.objects.filter(hour__lt=start).delete()
     return len(todo)
 
 

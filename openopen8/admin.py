@@ -9,8 +9,6 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from gateway.cache import config_changed
-
 
 class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """A model admin with ``enable``/``disable`` bulk actions, for a model with an ``enabled`` field."""
@@ -27,8 +25,7 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             for row in rows:
                 for field, value in changes.items():
                     setattr(row, field, value)
-                row.save(update_fields=list(changes))
-        config_changed()
+                row.save(update_fields=list(changes))  # each save tells every process (gateway/cache.py)
         noun = queryset.model._meta.verbose_name_plural
         self.message_user(request, f"{len(rows)} {noun} {'enabled' if enabled else 'disabled'}.")
 
