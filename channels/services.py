@@ -7,6 +7,7 @@ import threading
 import time
 
 from django.db import connections, transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from channels import adapters
@@ -19,6 +20,9 @@ from openopen8.core.rules import check_request, rule_for
 # every request (the row would be a lock every request waits on).
 _last_written: dict[int, float] = {}
 WRITE_EVERY_S = 1.0
+
+# Sent (with ``channel_id``) once the gateway itself has disabled a channel, after the change is committed.
+channel_disabled = Signal()
 
 
 def channel_attempt_record(channel_id: int, *, latency_ms: int, error: str | None = None) -> None:
@@ -47,9 +51,10 @@ def channel_key_reject(channel_id: int, *, key: str, reason: str) -> ChannelTarg
         channel = Channel.objects.select_for_update().get(pk=channel_id)
         if key:
             channel.disabled_keys[key_fingerprint(key)] = {"reason": reason[:300], "at": timezone.now().isoformat()}
-        if not channel.usable_keys():
+        if not channel.usable_keys() and channel.enabled:
             channel.enabled = False
             channel.disabled_reason = f"The provider rejected {'every key' if key else 'the request'}: {reason[:300]}"
+            transaction.on_commit(lambda: channel_disabled.send(Channel, channel_id=channel_id))
         channel.save(update_fields=["disabled_keys", "enabled", "disabled_reason"])
     return channel.to_target() if channel.enabled else None
 

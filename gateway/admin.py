@@ -22,6 +22,7 @@ from django.utils.html import format_html, format_html_join
 
 from channels.models import Channel, split_names
 from gateway.models import (
+    Alert,
     ApiToken,
     Budgeted,
     FailedAuthentication,
@@ -417,4 +418,21 @@ class FailedAuthenticationAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: FailedAuthentication | None = None) -> bool:
+        return False
+
+
+@admin.register(Alert)
+class AlertAdmin(admin.ModelAdmin):
+    """What the operator was told (gateway/alerts.py), and whether the webhook and the mailbox got it."""
+
+    list_display = ["created_at", "kind", "subject", "delivered_at", "emailed_at", "last_error"]
+    list_filter = ["kind", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["subject", "text"]
+    readonly_fields = ["kind", "created_at", "subject", "text", "data", "attempts", "webhook_status", "delivered_at",
+                       "emailed_at", "last_error"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Alert | None = None) -> bool:
         return False

@@ -13,6 +13,8 @@ class GatewayConfig(AppConfig):
         from django.db.models.signals import post_delete, post_save
 
         from channels.models import Channel
+        from channels.services import channel_disabled
+        from gateway.alerts import on_channel_disabled
         from gateway.audit import audit_register
         from gateway.cache import config_changed
         from gateway.models import ApiToken, Price, TokenGroup
@@ -21,3 +23,4 @@ class GatewayConfig(AppConfig):
             post_save.connect(config_changed, sender=model, dispatch_uid=f"config-changed-save-{model.__name__}")
             post_delete.connect(config_changed, sender=model, dispatch_uid=f"config-changed-delete-{model.__name__}")
         audit_register()
+        channel_disabled.connect(on_channel_disabled, dispatch_uid="alert-channel-disabled")

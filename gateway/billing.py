@@ -41,11 +41,13 @@ def hold_params(*, micros: int, pk: int, period: int) -> list[Any]:
     return [period, micros, micros, period, period, pk, period, micros]
 
 
-def quota_exceeded(whose: str = "this API key's budget") -> InsufficientQuota:
-    return InsufficientQuota(
-        f"You exceeded your current quota: {whose} does not cover this request. "
-        "Ask the gateway's operator to raise it."
-    )
+def quota_exceeded(of: str = "token") -> InsufficientQuota:
+    """The refusal when the budget of the token, or of its ``"group"``, does not cover a hold."""
+    whose = "your group's budget" if of == "group" else "this API key's budget"
+    error = InsufficientQuota(f"You exceeded your current quota: {whose} does not cover this request. "
+                              "Ask the gateway's operator to raise it.")
+    error.budget_of = of
+    return error
 
 
 def holds_for(log: UsageLog, token: ApiToken) -> bool:
@@ -67,14 +69,14 @@ def budget_reserve(log: UsageLog, *, micros: int) -> None:
     if micros <= 0:
         return
     db = connections[DEFAULT_DB_ALIAS]
-    for model, pk, period, whose in ((ApiToken, log.token_id, log.budget_period, "this API key's budget"),
-                                     (TokenGroup, log.group_id, log.group_period, "your group's budget")):
+    for model, pk, period, of in ((ApiToken, log.token_id, log.budget_period, "token"),
+                                  (TokenGroup, log.group_id, log.group_period, "group")):
         if period is None or pk is None:
             continue
         with db.cursor() as cursor:
             cursor.execute(budget_statements(model)[0], hold_params(micros=micros, pk=pk, period=period))
             if not cursor.rowcount:
-                raise quota_exceeded(whose)
+                raise quota_exceeded(of)
 
 
 def budget_adjust(log: UsageLog, *, micros: int) -> None:

@@ -450,3 +450,32 @@ class RolledHour(models.Model):
     hour = models.BigIntegerField(primary_key=True)
     pending = models.PositiveIntegerField(default=0)
     rolled_at = models.DateTimeField(default=timezone.now)
+
+
+class Alert(models.Model):
+    """Something an operator is told of as it happens (gateway/alerts.py): recorded once, whatever the delivery, and
+    delivered to the alert webhook and mailbox when they are configured."""
+
+    class Kind(models.TextChoices):
+        CHANNEL_DISABLED = "channel.disabled", "channel disabled"
+        CIRCUIT_OPENED = "circuit.opened", "circuit opened"
+        BUDGET = "budget.threshold", "budget threshold"
+
+    # What makes it one alert: a budget's threshold is told once per period and budget.
+    key = models.CharField(max_length=200, unique=True, editable=False)
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    subject = models.CharField(max_length=200)
+    text = models.TextField()
+    data = models.JSONField(default=dict)
+    attempts = models.PositiveIntegerField("delivery attempts", default=0)
+    webhook_status = models.PositiveSmallIntegerField("webhook answer", null=True, blank=True)
+    delivered_at = models.DateTimeField("webhook delivered", null=True, blank=True)
+    emailed_at = models.DateTimeField("mailed", null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.subject

@@ -18,6 +18,7 @@ from channels.adapters import ChannelTarget
 from channels.models import key_fingerprint
 from channels.services import channel_attempt_record, channel_key_reject, channel_key_works
 from gateway import dispatch
+from gateway.alerts import circuit_fault
 from gateway.bookkeeping import best_effort
 from gateway.hosting import images_deliver
 from gateway.state import CircuitView, LeaseAsk, SharedState, Window, admitted, lease_ttl, shared_state
@@ -118,7 +119,7 @@ def _after_failure(state: SharedState, target: ChannelTarget, view: CircuitView,
             return channel_key_reject(target.id, key=target.api_key, reason=error.message), error
         return None, UpstreamRefused(f"The provider refused this request: {error.provider_message}")
     if dispatch.counts_against_circuit(error):
-        best_effort(state.circuit_failed, target.id)
+        best_effort(circuit_fault, state, target.id)
     elif not error.channel_fault and view != CLOSED:
         best_effort(state.circuit_ok, target.id)  # the provider answered sensibly: it works
     return None, error

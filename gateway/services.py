@@ -23,6 +23,8 @@ from channels import adapters
 from channels.adapters import ChannelTarget
 from channels.models import Channel
 from gateway import dispatch
+from gateway.alerts import budget_refused
+from gateway.bookkeeping import best_effort
 from gateway.cache import ConfigSnapshot, config_snapshot
 from gateway.idempotency import (
     Claim,
@@ -77,6 +79,7 @@ from gateway.webhooks import callback_checked
 from openopen8.client import ClientConnection
 from openopen8.core.errors import (
     GatewayError,
+    InsufficientQuota,
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
@@ -288,6 +291,8 @@ def images_create(*, token: ApiToken, config: ConfigSnapshot, endpoint: str, rea
     except GatewayError as error:
         usage_fail(log, error)
         _unsubmit(job, error)
+        if isinstance(error, InsufficientQuota):
+            best_effort(budget_refused, token.pk, error.budget_of)
         raise
     except (OperationalError, InterfaceError) as error:
         unavailable = database_unavailable()

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
+from gateway.alerts import budget_alerts
 from gateway.billing import budget_adjust
 from gateway.journal import journal_replay
 from gateway.models import Counter, Lease, UsageLog
@@ -74,6 +75,7 @@ def _loop(interval: float) -> None:
             if taken:
                 log.warning("took over %d image job(s) whose runner stopped", taken)
             usage_rollup(timezone.now())  # the dashboard's hourly totals, kept current off its page
+            budget_alerts()
         except (OperationalError, InterfaceError) as error:
             if reached:
                 log.warning("sweep skipped: the database did not answer (%s)", type(error).__name__)

@@ -4,18 +4,24 @@ enqueues: an image job's run, and a finished job's webhook delivery."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.utils import timezone
 from django_tasks import task
+from django_tasks.base import Task
 
 
 @task()
 def deliver_job_webhook(job_id: str, attempt: int) -> None:
     from gateway.webhooks import webhook_deliver
 
-    again = webhook_deliver(job_id, attempt)
-    if again is not None:
-        deliver_job_webhook.using(run_after=timezone.now() + timedelta(seconds=again)).enqueue(job_id, attempt + 1)
+    _try_again(deliver_job_webhook, webhook_deliver(job_id, attempt), job_id, attempt)
+
+
+def _try_again(delivery: Task[Any, None], after: float | None, target: Any, attempt: int) -> None:
+    """Enqueue the delivery's next try ``after`` seconds from now, unless it is done (``None``)."""
+    if after is not None:
+        delivery.using(run_after=timezone.now() + timedelta(seconds=after)).enqueue(target, attempt + 1)
 
 
 def webhook_enqueue(job_id: str) -> None:
@@ -44,3 +50,16 @@ def _nudge() -> None:
     from gateway.job_runner import runner_nudge  # the runner runs these tasks: it imports this module
 
     runner_nudge()
+
+
+@task()
+def deliver_alert(alert_id: int, attempt: int) -> None:
+    from gateway.alerts import alert_deliver
+
+    _try_again(deliver_alert, alert_deliver(alert_id, attempt), alert_id, attempt)
+
+
+def alert_enqueue(alert_id: int) -> None:
+    """Have the operator's alert delivered (to the webhook, the mailbox)."""
+    deliver_alert.enqueue(alert_id, 1)
+    _nudge()

@@ -51,6 +51,16 @@ def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
+def signed_headers(secret: str, msg_id: str, body: bytes) -> dict[str, str]:
+    """The headers of a JSON webhook body, signed with ``secret`` when there is one."""
+    timestamp = int(time.time())
+    headers = {"Content-Type": "application/json", "User-Agent": "OpenOpen8-Webhooks", "webhook-id": msg_id,
+               "webhook-timestamp": str(timestamp)}
+    if secret:
+        headers["webhook-signature"] = signature(secret, msg_id, timestamp, body)
+    return headers
+
+
 def callback_checked(value: object) -> str:
     """A client's ``callback_url``: an http(s) URL to a public address. Raises ``InvalidRequest``."""
     if not isinstance(value, str) or len(value) > 2000:
@@ -71,10 +81,7 @@ def webhook_deliver(job_id: str, attempt: int) -> float | None:
     if job is None or not job.callback_url:
         return None
     body = json.dumps(job_object(job), separators=(",", ":")).encode()
-    timestamp = int(time.time())
-    headers = {"Content-Type": "application/json", "User-Agent": "OpenOpen8-Webhooks",
-               "webhook-id": f"msg_{job.id}", "webhook-timestamp": str(timestamp),
-               "webhook-signature": signature(webhook_secret(job.token), f"msg_{job.id}", timestamp, body)}
+    headers = signed_headers(webhook_secret(job.token), f"msg_{job.id}", body)
     started, status, error = time.monotonic(), None, ""
     try:
         status = http.post_callback(job.callback_url, body, headers=headers,

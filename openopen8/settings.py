@@ -97,6 +97,19 @@ OPENOPEN8_JOB_MAX_WAIT = envfloat("OPENOPEN8_JOB_MAX_WAIT", "3600")
 # Seconds between a job webhook's failed delivery and the next try (about a day in all, then it is given up).
 OPENOPEN8_WEBHOOK_RETRIES = envnumbers("OPENOPEN8_WEBHOOK_RETRIES", "5,300,1800,7200,18000,36000,21600")
 OPENOPEN8_WEBHOOK_TIMEOUT = envfloat("OPENOPEN8_WEBHOOK_TIMEOUT", "15")
+# Operator alerts (gateway/alerts.py): a channel the gateway disabled, a circuit that opened, a budget past 80 % or
+# 100 %. POSTed as JSON to the webhook URL (signed like job webhooks when a whsec_ secret is set) and mailed to the
+# comma-separated addresses when an SMTP host is set; recorded in the console either way.
+OPENOPEN8_ALERT_WEBHOOK_URL = env("OPENOPEN8_ALERT_WEBHOOK_URL")
+OPENOPEN8_ALERT_WEBHOOK_SECRET = envsecret("OPENOPEN8_ALERT_WEBHOOK_SECRET", "")
+OPENOPEN8_ALERT_EMAIL = [a.strip() for a in env("OPENOPEN8_ALERT_EMAIL").split(",") if a.strip()]
+EMAIL_HOST = env("OPENOPEN8_EMAIL_HOST")
+EMAIL_PORT = envint("OPENOPEN8_EMAIL_PORT", "587")
+EMAIL_HOST_USER = env("OPENOPEN8_EMAIL_USER")
+EMAIL_HOST_PASSWORD = envsecret("OPENOPEN8_EMAIL_PASSWORD", "")
+EMAIL_USE_TLS = envbool("OPENOPEN8_EMAIL_TLS", "true")
+EMAIL_TIMEOUT = 15
+DEFAULT_FROM_EMAIL = SERVER_EMAIL = env("OPENOPEN8_EMAIL_FROM", "openopen8@localhost")
 # A running job's runner renews its heartbeat every third of this; a job whose heartbeat is older is taken as dead.
 OPENOPEN8_JOB_LEASE = envfloat("OPENOPEN8_JOB_LEASE", "30")
 # How often each worker sweeps abandoned requests (pending rows whose deadline has long passed), in seconds.

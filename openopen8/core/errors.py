@@ -131,6 +131,7 @@ class InsufficientQuota(GatewayError):
     status = 429
     type = "insufficient_quota"
     code = "insufficient_quota"
+    budget_of = "token"  # whose budget refused: the token's or its "group"'s
 
 
 class UpstreamError(GatewayError):

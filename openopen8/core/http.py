@@ -217,11 +217,11 @@ def send_events(req: UpstreamRequest, *, timeout: float, connect_timeout: float 
                             latency, req.url)
 
 
-def post_callback(url: str, body: bytes, *, headers: dict[str, str], timeout: float) -> int:
+def post_callback(url: str, body: bytes, *, headers: dict[str, str], timeout: float, guarded: bool = True) -> int:
     """POST ``body`` to a client's callback URL, guarded as a client's image URL is fetched (no private addresses,
-    every address checked before connecting); return the answer's status. Raises ``UpstreamError`` or
-    ``UpstreamTimeout`` when no answer came."""
-    resp, _latency = _exchange("POST", url, timeout=timeout, max_bytes=65536, into=io.BytesIO(), guarded=True,
+    every address checked before connecting; ``guarded=False``: a URL the operator configured); return the answer's
+    status. Raises ``UpstreamError`` or ``UpstreamTimeout`` when no answer came."""
+    resp, _latency = _exchange("POST", url, timeout=timeout, max_bytes=65536, into=io.BytesIO(), guarded=guarded,
                                what="callback URL", headers=headers, data=body)
     return int(resp.status)
 
