@@ -11,6 +11,8 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
 
 from channels.adapters import KIND_CHOICES, get_adapter
 from channels.models import ENDPOINTS, Channel, split_names
@@ -29,21 +31,23 @@ def kind_help() -> str:
     for kind, label in KIND_CHOICES:
         adapter = get_adapter(kind)
         served = [e for e in ENDPOINTS if e in adapter.endpoints]
-        files = ", ".join(sorted(adapter.file_fields)) if adapter.max_input_images else "none"
-        blocks.append((kind, ",".join(served), label, ", ".join(served), adapter.max_input_images, files,
-                       ", ".join(sorted(adapter.config_keys)) or "none (leave the config {})"))
+        files = ", ".join(sorted(adapter.file_fields)) if adapter.max_input_images else gettext("none")
+        text = gettext("serves %(endpoints)s; up to %(images)d input image(s); files: %(files)s; config keys: "
+                       "%(keys)s (see the README's channel types).") % {
+            "endpoints": ", ".join(served), "images": adapter.max_input_images, "files": files,
+            "keys": ", ".join(sorted(adapter.config_keys)) or gettext("none (leave the config {})")}
+        blocks.append((kind, ",".join(served), label, text))
     return format_html_join(
-        "", '<div class="oo8-kind-help" data-kind="{}" data-endpoints="{}"><strong>{}</strong>: serves {}; up to {} '
-            "input image(s); files: {}; config keys: {} (see the README's channel types).</div>", blocks)
+        "", '<div class="oo8-kind-help" data-kind="{}" data-endpoints="{}"><strong>{}</strong>: {}</div>', blocks)
 
 
 class ChannelForm(forms.ModelForm):
-    kind = forms.ChoiceField(label="Type", choices=KIND_CHOICES)
-    api_key = forms.CharField(label="API keys", required=False, strip=True,
+    kind = forms.ChoiceField(label=_("Type"), choices=KIND_CHOICES)
+    api_key = forms.CharField(label=_("API keys"), required=False, strip=True,
                               widget=forms.Textarea(attrs={"rows": 2, "autocomplete": "off", "spellcheck": "false"}),
-                              help_text="One per line, used in turn.")
+                              help_text=_("One per line, used in turn."))
     endpoints = forms.MultipleChoiceField(choices=[(e, e) for e in ENDPOINTS], widget=forms.CheckboxSelectMultiple,
-                                          initial=list(ENDPOINTS), help_text="What this channel serves.")
+                                          initial=list(ENDPOINTS), help_text=_("What this channel serves."))
 
     class Meta:
         model = Channel
@@ -61,8 +65,9 @@ class ChannelForm(forms.ModelForm):
             self.initial["endpoints"] = split_names(self.instance.endpoints)
         self.initial["api_key"] = ""  # stored keys never go back to the browser
         if self.instance.pk and self.instance.api_key:
-            self.fields["api_key"].help_text = (f"Set: {self.instance.masked_key}. Leave empty to keep them; enter "
-                                                "new keys, one per line, to replace them all.")
+            self.fields["api_key"].help_text = gettext(
+                "Set: %(keys)s. Leave empty to keep them; enter new keys, one per line, to replace them all."
+            ) % {"keys": self.instance.masked_key}
 
     def clean_endpoints(self) -> str:
         return ",".join(self.cleaned_data["endpoints"])
@@ -73,7 +78,7 @@ class ChannelForm(forms.ModelForm):
 
 
 class KindFilter(admin.SimpleListFilter):
-    title = "type"
+    title = _("type")
     parameter_name = "kind"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
@@ -103,64 +108,69 @@ class ChannelAdmin(EnableDisableAdmin):
         _page.now = time.time()
         return super().changelist_view(request, extra_context)
 
-    @admin.display(description="type", ordering="kind")
+    @admin.display(description=_("type"), ordering="kind")
     def type(self, channel: Channel) -> str:
         if channel.demo:
-            return format_html('{} <strong title="{}">DEMO</strong>', channel.kind_label,
-                               "Serves only keys without a budget; delete it once real channels are set up.")
+            return format_html('{} <strong title="{}">{}</strong>', channel.kind_label,
+                               gettext("Serves only keys without a budget; delete it once real channels are set up."),
+                               gettext("DEMO"))
         return channel.kind_label
 
     # Not named "circuit": the admin would show the Channel.circuit relation (the database's circuit row) instead.
-    @admin.display(description="circuit")
+    @admin.display(description=_("circuit"))
     def circuit_state(self, channel: Channel) -> str:
         now = getattr(_page, "now", time.time())
         view = getattr(_page, "circuits", {}).get(channel.pk, CircuitView())
         state = view.state(now)
         if state == "closed":
-            return "closed" if not view.failures else f"closed ({view.failures} recent fault(s))"
+            return gettext("closed") if not view.failures else ngettext(
+                "closed (%(n)d recent fault)", "closed (%(n)d recent faults)", view.failures) % {"n": view.failures}
         if state == "open":
-            return format_html('<span style="color:#ba2121">open for {} s more</span>',
-                               int((view.open_until or 0) - now))
-        return format_html('<span style="color:#b07a00">{}</span>', "half-open: next request probes")
+            return format_html('<span style="color:#ba2121">{}</span>', gettext("open for %(s)d s more") % {
+                "s": int((view.open_until or 0) - now)})
+        return format_html('<span style="color:#b07a00">{}</span>', gettext("half-open: next request probes"))
 
-    @admin.display(description="set-aside keys")
+    @admin.display(description=_("set-aside keys"))
     def set_aside_keys(self, channel: Channel) -> str:
-        return "; ".join(f"{fp[:8]}: {v.get('reason', '')}" for fp, v in channel.disabled_keys.items()) or "none"
+        keys = "; ".join(f"{fp[:8]}: {v.get('reason', '')}" for fp, v in channel.disabled_keys.items())
+        return keys or gettext("none")
 
-    @admin.display(description="last test")
+    @admin.display(description=_("last test"))
     def last_test(self, channel: Channel) -> str:
         if channel.last_test_at is None:
-            return "never"
+            return gettext("never")
         color = "#2a7d2a" if channel.last_test_ok else "#ba2121"
         return format_html('<span style="color:{}" title="{}">{} ({} ms)</span>', color, channel.last_test_message,
-                           "ok" if channel.last_test_ok else "failed", channel.last_test_latency_ms)
+                           gettext("ok") if channel.last_test_ok else gettext("failed"), channel.last_test_latency_ms)
 
     def _test(self, request: HttpRequest, queryset: QuerySet[Channel], *, real: bool) -> None:
         channels = list(queryset)
         for channel, (ok, message) in zip(channels, channels_test(channels, real=real, within=TEST_WITHIN_S),
                                           strict=True):
-            self.message_user(request, f"{channel.name}: {'ok' if ok else 'FAILED'}: {message}",
+            self.message_user(request, f"{channel.name}: {gettext('ok') if ok else gettext('FAILED')}: {message}",
                               messages.SUCCESS if ok else messages.ERROR)
 
-    @admin.action(description="Test selected channels (cheap probe, no image)")
+    @admin.action(description=_("Test selected channels (cheap probe, no image)"))
     def test_probe(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
         self._test(request, queryset, real=False)
 
-    @admin.action(description="Test selected channels with one real smallest-size image (the provider bills it)")
+    @admin.action(description=_("Test selected channels with one real smallest-size image (the provider bills it)"))
     def test_generation(self, request: HttpRequest, queryset: QuerySet[Channel]) -> None:
         self._test(request, queryset, real=True)
 
-    @admin.display(description="API key")
+    @admin.display(description=_("API key"))
     def key(self, channel: Channel) -> str:
         return channel.masked_key
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status(self, channel: Channel) -> str:
         if not channel.enabled:
-            return format_html('<span style="color:#888" title="{}">disabled{}</span>', channel.disabled_reason,
-                               ": " + channel.disabled_reason[:60] if channel.disabled_reason else "")
+            return format_html('<span style="color:#888" title="{}">{}{}</span>', channel.disabled_reason,
+                               gettext("disabled"), ": " + channel.disabled_reason[:60] if channel.disabled_reason
+                               else "")
         if channel.last_error:
-            return format_html('<span style="color:#ba2121" title="{}">failing: {}</span>', channel.last_error,
-                               channel.last_error[:60])
-        return format_html('<span style="color:#2a7d2a">{}</span>', "ok" if channel.last_used_at else "unused")
+            return format_html('<span style="color:#ba2121" title="{}">{}: {}</span>', channel.last_error,
+                               gettext("failing"), channel.last_error[:60])
+        return format_html('<span style="color:#2a7d2a">{}</span>',
+                           gettext("ok") if channel.last_used_at else gettext("unused"))
 

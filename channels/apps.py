@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class ChannelsConfig(AppConfig):
@@ -8,5 +9,5 @@ class ChannelsConfig(AppConfig):
     # "channels". That package must never be added to requirements.txt.
     name = "channels"
     label = "channels"
-    verbose_name = "Upstream channels"
+    verbose_name = _("Upstream channels")
     default_auto_field = "django.db.models.BigAutoField"

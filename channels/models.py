@@ -10,6 +10,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 from channels.adapters import ADAPTERS, get_adapter
 from channels.adapters.base import ChannelTarget
@@ -44,62 +45,68 @@ class Circuit(models.Model):
 
 
 class Channel(models.Model):
-    name = models.CharField(max_length=100)
+    name = models.CharField(_("name"), max_length=100)
     # A type from the adapter registry (channels/adapters/__init__.py). The choices are the admin form's and clean()
     # checks them, so adding a provider needs no migration.
-    kind = models.CharField("type", max_length=32)
-    base_url = models.CharField("base URL", max_length=500, blank=True,
-                                help_text="For OpenAI-compatible providers, the URL ending in /v1.")
-    api_key = EncryptedTextField("API keys", blank=True,
-                               help_text="One per line; used in turn. For sd-webui with --api-auth, user:password.")
-    disabled_keys = models.JSONField(default=dict, blank=True,
-                                     help_text="Keys the provider rejected, by fingerprint, with the reason.")
-    disabled_reason = models.TextField(blank=True, help_text="Why the gateway disabled this channel, if it did.")
-    served_models = models.TextField("models",
-                                     help_text="Model names clients may ask for, comma-separated; * serves any model.")
+    kind = models.CharField(_("type"), max_length=32)
+    base_url = models.CharField(_("base URL"), max_length=500, blank=True,
+                                help_text=_("For OpenAI-compatible providers, the URL ending in /v1."))
+    api_key = EncryptedTextField(
+        _("API keys"), blank=True,
+        help_text=_("One per line; used in turn. For sd-webui with --api-auth, user:password."))
+    disabled_keys = models.JSONField(_("disabled keys"), default=dict, blank=True,
+                                     help_text=_("Keys the provider rejected, by fingerprint, with the reason."))
+    disabled_reason = models.TextField(_("disabled reason"), blank=True,
+                                       help_text=_("Why the gateway disabled this channel, if it did."))
+    served_models = models.TextField(
+        _("models"), help_text=_("Model names clients may ask for, comma-separated; * serves any model."))
     model_map = models.JSONField(
-        default=dict, blank=True,
-        help_text='Client model name → provider model name, e.g. {"dall-e-3": "my-deployment"}.')
-    endpoints = models.CharField(max_length=100, default=ALL_ENDPOINTS,
-                                 help_text="What it serves, comma-separated: generations, edits, variations.")
-    priority = models.IntegerField(default=0, help_text="Higher is tried first.")
-    weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)],
-                                         help_text="Share of traffic among channels of the same priority.")
-    enabled = models.BooleanField(default=True)
-    timeout = models.FloatField("read timeout", null=True, blank=True, validators=[MinValueValidator(0.1)],
-                                help_text="Seconds to wait for the provider; empty uses OPENOPEN8_UPSTREAM_TIMEOUT.")
-    connect_timeout = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.1)],
-                                        help_text="Seconds to wait for a connection; empty uses "
-                                                  "OPENOPEN8_CONNECT_TIMEOUT.")
-    safe_to_retry = models.BooleanField(default=False, help_text="Retry elsewhere after a read timeout or a dropped "
-                                        "answer, when the provider may already have made (and billed) the image.")
-    images_per_minute = models.PositiveIntegerField(null=True, blank=True, help_text="Empty means no limit.")
-    max_in_flight = models.PositiveIntegerField("requests in flight", null=True, blank=True,
-                                                help_text="Requests running at once; empty means no limit.")
+        _("model map"), default=dict, blank=True,
+        help_text=_('Client model name → provider model name, e.g. {"dall-e-3": "my-deployment"}.'))
+    endpoints = models.CharField(_("endpoints"), max_length=100, default=ALL_ENDPOINTS,
+                                 help_text=_("What it serves, comma-separated: generations, edits, variations."))
+    priority = models.IntegerField(_("priority"), default=0, help_text=_("Higher is tried first."))
+    weight = models.PositiveIntegerField(_("weight"), default=1, validators=[MinValueValidator(1)],
+                                         help_text=_("Share of traffic among channels of the same priority."))
+    enabled = models.BooleanField(_("enabled"), default=True)
+    timeout = models.FloatField(_("read timeout"), null=True, blank=True, validators=[MinValueValidator(0.1)],
+                                help_text=_("Seconds to wait for the provider; empty uses OPENOPEN8_UPSTREAM_TIMEOUT."))
+    connect_timeout = models.FloatField(_("connect timeout"), null=True, blank=True,
+                                        validators=[MinValueValidator(0.1)],
+                                        help_text=_("Seconds to wait for a connection; empty uses "
+                                                    "OPENOPEN8_CONNECT_TIMEOUT."))
+    safe_to_retry = models.BooleanField(_("safe to retry"), default=False,
+                                        help_text=_("Retry elsewhere after a read timeout or a dropped answer, when "
+                                                    "the provider may already have made (and billed) the image."))
+    images_per_minute = models.PositiveIntegerField(_("images per minute"), null=True, blank=True,
+                                                    help_text=_("Empty means no limit."))
+    max_in_flight = models.PositiveIntegerField(_("requests in flight"), null=True, blank=True,
+                                                help_text=_("Requests running at once; empty means no limit."))
     class EndUser(models.TextChoices):
-        CLIENT = "client", "the client's own user / safety_identifier"
-        TOKEN = "token", "a stable hash of the client's API key"
-        NONE = "none", "nothing"
+        CLIENT = "client", _("the client's own user / safety_identifier")
+        TOKEN = "token", _("a stable hash of the client's API key")
+        NONE = "none", _("nothing")
 
     end_user = models.CharField(
-        "end-user id sent", max_length=8, choices=EndUser.choices, default=EndUser.CLIENT,
-        help_text="What goes to the provider as user / safety_identifier, which it records against your account.")
-    config = models.JSONField(default=dict, blank=True, help_text="Settings for this channel type.")
-    demo = models.BooleanField(default=False, help_text="The demo channel `make run` made: it never serves a key "
-                                                        "with a budget (or in a group with one). Delete it once real "
-                                                        "channels are set up.")
-    last_error = models.TextField(blank=True)
-    last_error_at = models.DateTimeField(null=True, blank=True)
-    last_used_at = models.DateTimeField(null=True, blank=True)
-    last_latency_ms = models.PositiveIntegerField("last latency (ms)", null=True, blank=True)
-    last_test_at = models.DateTimeField(null=True, blank=True)
-    last_test_ok = models.BooleanField(null=True, blank=True)
-    last_test_message = models.TextField(blank=True)
-    last_test_latency_ms = models.PositiveIntegerField("last test latency (ms)", null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+        _("end-user id sent"), max_length=8, choices=EndUser.choices, default=EndUser.CLIENT,
+        help_text=_("What goes to the provider as user / safety_identifier, which it records against your account."))
+    config = models.JSONField(_("config"), default=dict, blank=True, help_text=_("Settings for this channel type."))
+    demo = models.BooleanField(_("demo"), default=False,
+                               help_text=_("The demo channel `make run` made: it never serves a key with a budget (or "
+                                           "in a group with one). Delete it once real channels are set up."))
+    last_error = models.TextField(_("last error"), blank=True)
+    last_error_at = models.DateTimeField(_("last error at"), null=True, blank=True)
+    last_used_at = models.DateTimeField(_("last used at"), null=True, blank=True)
+    last_latency_ms = models.PositiveIntegerField(_("last latency (ms)"), null=True, blank=True)
+    last_test_at = models.DateTimeField(_("last test at"), null=True, blank=True)
+    last_test_ok = models.BooleanField(_("last test ok"), null=True, blank=True)
+    last_test_message = models.TextField(_("last test message"), blank=True)
+    last_test_latency_ms = models.PositiveIntegerField(_("last test latency (ms)"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), auto_now_add=True)
 
     class Meta:
         ordering = ["-priority", "name"]
+        verbose_name, verbose_name_plural = _("channel"), _("channels")
 
     def __str__(self) -> str:
         return self.name

@@ -19,6 +19,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
 
 from channels.models import Channel, split_names
 from gateway.models import (
@@ -48,8 +50,8 @@ NEW_KEY = "openopen8-new-key:"  # the session entry that holds a new key until i
 class BudgetForm(forms.ModelForm):
     """A budget typed in USD, kept in micro-dollars."""
 
-    budget = forms.DecimalField(label="Budget (USD)", required=False, min_value=Decimal(0), decimal_places=6,
-                                help_text="Empty means unlimited; a renewing budget is this much each period.")
+    budget = forms.DecimalField(label=_("Budget (USD)"), required=False, min_value=Decimal(0), decimal_places=6,
+                                help_text=_("Empty means unlimited; a renewing budget is this much each period."))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,14 +76,15 @@ class ApiTokenForm(BudgetForm):
         channels = list(Channel.objects.all())
         unknown = [n for n in names if rule_for(n) is None and not any(c.serves(n) for c in channels)]
         if unknown:
-            raise forms.ValidationError(f"No channel serves {', '.join(unknown)}, and it is no model the gateway "
-                                        "knows: check the spelling.")
+            raise forms.ValidationError(gettext("No channel serves %(models)s, and it is no model the gateway knows: "
+                                                "check the spelling.") % {"models": ", ".join(unknown)})
         return ",".join(names)
 
     def clean_expires_at(self) -> Any:
         expires = self.cleaned_data["expires_at"]
         if expires is not None and expires <= timezone.now() and "expires_at" in self.changed_data:
-            raise forms.ValidationError("That moment has passed: the key would never work. Disable it instead.")
+            raise forms.ValidationError(gettext("That moment has passed: the key would never work. Disable it "
+                                                "instead."))
         return expires
 
     def save(self, commit: bool = True) -> ApiToken:
@@ -101,7 +104,7 @@ class TokenGroupForm(BudgetForm):
 def budget_columns(budgeted: Budgeted, ledger: int) -> tuple[str, str, str]:
     """Budget, spent and left (in the running period), for the console's lists."""
     if budgeted.budget_micros is None:
-        return "unlimited", f"{from_micros(ledger):.4f}", "–"
+        return gettext("unlimited"), f"{from_micros(ledger):.4f}", "–"
     spent = budgeted.spent_this_period()
     period = f" / {budgeted.get_budget_period_display()}" if budgeted.budget_period else ""
     return (f"{from_micros(budgeted.budget_micros):.4f}{period}", f"{from_micros(spent):.4f}",
@@ -116,19 +119,19 @@ class BudgetColumns(admin.ModelAdmin):
         rows = super().get_queryset(request).annotate(ledger=Coalesce(Sum("usage__cost_micros"), 0))
         return cast("QuerySet[Any]", rows)
 
-    @admin.display(description="budget (USD)")
+    @admin.display(description=_("budget (USD)"))
     def budget_usd(self, budgeted: Budgeted) -> str:
         return budget_columns(budgeted, getattr(budgeted, "ledger", 0))[0]
 
-    @admin.display(description="spent (USD)")
+    @admin.display(description=_("spent (USD)"))
     def spent_usd(self, budgeted: Budgeted) -> str:
         return budget_columns(budgeted, getattr(budgeted, "ledger", 0))[1]
 
-    @admin.display(description="left (USD)")
+    @admin.display(description=_("left (USD)"))
     def left_usd(self, budgeted: Budgeted) -> str:
         return budget_columns(budgeted, 0)[2]
 
-    @admin.display(description="renews")
+    @admin.display(description=_("renews"))
     def period_ends(self, budgeted: Budgeted) -> Any:
         return budgeted.period_ends() or "–"
 
@@ -157,22 +160,24 @@ class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
         actions.pop("delete_selected", None)  # it would delete used tokens too; "disable" is the bulk action
         return actions
 
-    @admin.display(description="key")
+    @admin.display(description=_("key"))
     def key_display(self, token: ApiToken) -> str:
-        return f"sk-{token.key_prefix}…" if token.key_prefix else "(shown once, on creation)"
+        return f"sk-{token.key_prefix}…" if token.key_prefix else gettext("(shown once, on creation)")
 
-    @admin.display(description="webhook signing secret")
+    @admin.display(description=_("webhook signing secret"))
     def webhook_secret_display(self, token: ApiToken) -> str:
         # The key's owner verifies its job webhooks with it (Standard Webhooks); it signs, it does not authenticate.
-        return str(token.webhook_secret) or "(made when the key first sends a callback_url)"
+        return str(token.webhook_secret) or gettext("(made when the key first sends a callback_url)")
 
-    @admin.action(description="Rotate the webhook signing secret of selected tokens")
+    @admin.action(description=_("Rotate the webhook signing secret of selected tokens"))
     def rotate_webhook_secret(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
         for token in queryset:
             webhook_secret_rotate(token)
-        self.message_user(request, f"New webhook signing secrets for {queryset.count()} token(s); webhooks from now "
-                                   "on are signed with them.")
-
+        count = queryset.count()
+        self.message_user(request, ngettext("A new webhook signing secret for %(count)d token; its webhooks from now "
+                                            "on are signed with it.",
+                                            "New webhook signing secrets for %(count)d tokens; their webhooks from "
+                                            "now on are signed with them.", count) % {"count": count})
 
     def save_model(self, request: HttpRequest, obj: ApiToken, form: forms.ModelForm, change: bool) -> None:
         if change:
@@ -195,7 +200,7 @@ class ApiTokenAdmin(BudgetColumns, EnableDisableAdmin):
         token = get_object_or_404(ApiToken, pk=token_id)
         stored = request.session.pop(f"{NEW_KEY}{token_id}", None)
         context = {**self.admin_site.each_context(request), "token": token, "opts": self.model._meta,
-                   "key": decrypt(stored) if stored else None, "title": "API key created",
+                   "key": decrypt(stored) if stored else None, "title": gettext("API key created"),
                    "base_url": request.build_absolute_uri("/v1")}
         return TemplateResponse(request, "admin/gateway/apitoken/key_created.html", context)
 
@@ -206,7 +211,6 @@ class TokenGroupAdmin(BudgetColumns):
     list_display = ["name", "budget_usd", "spent_usd", "left_usd", "period_ends", "multiplier", "created_at"]
     search_fields = ["name"]
     readonly_fields = ["spent_usd", "left_usd", "period_ends"]
-
 
 
 SIZE = re.compile(r"\d+x\d+|auto")
@@ -222,14 +226,14 @@ class PriceForm(forms.ModelForm):
     def clean_size(self) -> str:
         size = str(self.cleaned_data["size"]).strip().lower()
         if size and not SIZE.fullmatch(size):
-            raise forms.ValidationError("A size is WIDTHxHEIGHT (1024x1024), auto, or empty for any size.")
+            raise forms.ValidationError(gettext("A size is WIDTHxHEIGHT (1024x1024), auto, or empty for any size."))
         return size
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         for name, value in list(cleaned.items()):
             if isinstance(value, Decimal) and value < 0:
-                self.add_error(name, "A price cannot be below zero.")
+                self.add_error(name, gettext("A price cannot be below zero."))
         return cleaned
 
 
@@ -305,30 +309,33 @@ class UsageLogAdmin(admin.ModelAdmin):
         response["Content-Disposition"] = f'attachment; filename="usage-{timezone.now():%Y%m%d-%H%M%S}.csv"'
         return response
 
-    @admin.display(description="still held (USD)")
+    @admin.display(description=_("still held (USD)"))
     def reserved_usd(self, log: UsageLog) -> str:
         return f"{from_micros(log.reserved_micros):.4f}"
 
-    @admin.display(description="channels tried")
+    @admin.display(description=_("channels tried"))
     def attempts_table(self, log: UsageLog) -> str:
         if not log.attempts:
-            return "none"
+            return gettext("none")
         rows = format_html_join(
             "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             ((a.get("name", ""), a.get("outcome", ""), a.get("status") or "", a.get("code") or "",
               a.get("latency_ms", ""), a.get("message") or "") for a in log.attempts))
-        return format_html("<table><tr><th>channel</th><th>outcome</th><th>status</th><th>code</th>"
-                           "<th>latency (ms)</th><th>message</th></tr>{}</table>", rows)
+        heads = format_html_join("", "<th>{}</th>", ((h,) for h in (
+            gettext("channel"), gettext("outcome"), gettext("status"), gettext("code"), gettext("latency (ms)"),
+            gettext("message"))))
+        return format_html("<table><tr>{}</tr>{}</table>", heads, rows)
     list_select_related = ("token", "channel")
     search_fields = ["request_id", "replay_of", "model", "error_message"]
     date_hierarchy = "created_at"
 
-    @admin.display(description="cost (USD)")
+    @admin.display(description=_("cost (USD)"))
     def cost_usd(self, log: UsageLog) -> str:
-        overrun = f" ({from_micros(log.overrun_micros):.4f} over the hold)" if log.overrun_micros else ""
+        overrun = gettext(" (%(usd).4f over the hold)") % {"usd": from_micros(log.overrun_micros)} \
+            if log.overrun_micros else ""
         return f"{log.cost:.4f}{overrun}"
 
-    @admin.display(description="held (USD)")
+    @admin.display(description=_("held (USD)"))
     def hold_usd(self, log: UsageLog) -> str:
         return f"{from_micros(log.hold_micros):.4f}"
 
@@ -371,33 +378,40 @@ class ImageJobAdmin(admin.ModelAdmin):
     exclude = ["body", "result"]  # prompts and megabytes of base64: the usage row says what an operator needs
     inlines = [WebhookDeliveryInline]
 
-    @admin.display(description="webhook")
+    @admin.display(description=_("webhook"))
     def webhook(self, job: ImageJob) -> str:
         if not job.callback_url:
             return "-"
         last = job.deliveries.order_by("-at").first()
-        return "waiting" if last is None else "delivered" if last.delivered else f"failed ({last.attempt} tries)"
+        if last is None:
+            return gettext("waiting")
+        return gettext("delivered") if last.delivered else ngettext(
+            "failed (%(n)d try)", "failed (%(n)d tries)", last.attempt) % {"n": last.attempt}
 
-    @admin.action(description="Deliver the webhook of selected finished jobs again")
+    @admin.action(description=_("Deliver the webhook of selected finished jobs again"))
     def redeliver(self, request: HttpRequest, queryset: QuerySet[ImageJob]) -> None:
         jobs = list(queryset.exclude(callback_url="").exclude(status__in=(ImageJob.Status.QUEUED,
                                                                           ImageJob.Status.RUNNING)))
         for job in jobs:
             webhook_enqueue(job.id)
-        self.message_user(request, f"Webhooks of {len(jobs)} job(s) will be delivered again.")
+        self.message_user(request, ngettext("The webhook of %(count)d job will be delivered again.",
+                                            "The webhooks of %(count)d jobs will be delivered again.", len(jobs))
+                          % {"count": len(jobs)})
 
-    @admin.display(description="age")
+    @admin.display(description=_("age"))
     def age(self, job: ImageJob) -> str:
         end = job.completed_at or timezone.now()
         return f"{(end - job.created_at).total_seconds():.0f} s"
 
-    @admin.action(description="Cancel selected jobs (queued ones are refunded)")
+    @admin.action(description=_("Cancel selected jobs (queued ones are refunded)"))
     def cancel(self, request: HttpRequest, queryset: QuerySet[ImageJob]) -> None:
         jobs = list(queryset.filter(status__in=(ImageJob.Status.QUEUED, ImageJob.Status.RUNNING)).select_related(
             "token"))
         for job in jobs:
             job_cancel(job.token, job.id)
-        self.message_user(request, f"Asked {len(jobs)} job(s) to stop; queued ones were cancelled and refunded.")
+        self.message_user(request, ngettext("Asked %(count)d job to stop; a queued one is cancelled and refunded.",
+                                            "Asked %(count)d jobs to stop; queued ones were cancelled and refunded.",
+                                            len(jobs)) % {"count": len(jobs)})
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

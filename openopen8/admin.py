@@ -8,6 +8,8 @@ from django.contrib import admin
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 
 class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -26,13 +28,16 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 for field, value in changes.items():
                     setattr(row, field, value)
                 row.save(update_fields=list(changes))  # each save tells every process (gateway/cache.py)
-        noun = queryset.model._meta.verbose_name_plural
-        self.message_user(request, f"{len(rows)} {noun} {'enabled' if enabled else 'disabled'}.")
+        meta = queryset.model._meta
+        noun = meta.verbose_name if len(rows) == 1 else meta.verbose_name_plural
+        done = ngettext("%(count)d %(noun)s enabled.", "%(count)d %(noun)s enabled.", len(rows)) if enabled else \
+            ngettext("%(count)d %(noun)s disabled.", "%(count)d %(noun)s disabled.", len(rows))
+        self.message_user(request, done % {"count": len(rows), "noun": noun})
 
-    @admin.action(description="Enable selected %(verbose_name_plural)s")
+    @admin.action(description=_("Enable selected %(verbose_name_plural)s"))
     def enable(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         self._set_enabled(request, queryset, True)
 
-    @admin.action(description="Disable selected %(verbose_name_plural)s")
+    @admin.action(description=_("Disable selected %(verbose_name_plural)s"))
     def disable(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         self._set_enabled(request, queryset, False)

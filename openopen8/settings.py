@@ -306,6 +306,8 @@ REST_FRAMEWORK = {
 LANGUAGE_CODE = "en-us"
 # The console follows the browser's language among these; the client API answers in English whatever it asks.
 LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+# The project's own catalogue (locale/zh_Hans/LC_MESSAGES/django.po, compiled to django.mo beside it).
+LOCALE_PATHS = [BASE_DIR / "locale"]
 # The console shows times in this zone (an IANA name such as Asia/Shanghai); everything is stored in UTC, and the
 # budget periods and the client API keep UTC.
 TIME_ZONE = env("OPENOPEN8_TIME_ZONE", "UTC")

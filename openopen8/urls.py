@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from django.utils.translation import gettext_lazy as _
 from django.views.generic import RedirectView
 
 from gateway import console, views
 
-admin.site.site_header = "OpenOpen8 console"
+admin.site.site_header = _("OpenOpen8 console")
 admin.site.site_title = "OpenOpen8"
-admin.site.index_title = "Tokens, channels, prices and usage"
+admin.site.index_title = _("Tokens, channels, prices and usage")
 admin.site.index_template = "admin/console_index.html"  # the dashboard linked first
 
 urlpatterns = [

@@ -223,7 +223,7 @@ class AdminTests(TestCase):
         shared_state().circuit_failed(healthy.pk)
         html = self.client.get("/admin/channels/channel/").content.decode()
         self.assertIn("open for", html)
-        self.assertIn("closed (1 recent fault(s))", html)
+        self.assertIn("closed (1 recent fault)", html)
         self.assertNotIn("Circuit object", html)
 
     def test_the_channel_form_tells_what_each_type_serves_and_reads(self) -> None:
