@@ -10,7 +10,7 @@ DATA_DIR ?= $(or $(OPENOPEN8_DATA_DIR),data)
 BIND ?= $(or $(OPENOPEN8_BIND),127.0.0.1:8000)
 SECRET_FILE := $(DATA_DIR)/secret_key
 
-.PHONY: run test smoke lint bench install install-dev clean
+.PHONY: run test smoke lint bench install install-dev browser screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,24 @@ run: install $(SECRET_FILE)
 	OPENOPEN8_DATA_DIR=$(DATA_DIR) OPENOPEN8_DEBUG=false OPENOPEN8_SECRET_KEY_FILE=$(SECRET_FILE) OPENOPEN8_BIND=$(BIND) \
 		exec $(BIN)/gunicorn -c gunicorn.conf.py openopen8.wsgi:application
 
-test: lint tests/node/node_modules/.installed
+# The console's browser tests drive Debian's Chromium (and a font with Chinese glyphs, for the screenshots); installed
+# here where apt-get may run, else those tests skip and say why.
+BROWSER_PACKAGES := chromium chromium-driver fonts-wqy-microhei
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null) || \
+		echo "Chromium could not be installed: the browser tests will skip"; \
+	else echo "Chromium not found and apt-get not available here: the browser tests will skip"; fi
+
+test: lint tests/node/node_modules/.installed browser
 	$(BIN)/python -m pytest
+
+# The README's pictures of the dashboard, in English and Chinese (1440x900), from the browser tests' traffic.
+screenshots: install-dev browser
+	OPENOPEN8_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/gateway/test_console_browser.py \
+		-k "lands_on_the_dashboard or chinese_browser"
 
 smoke:
 	$(PYTHON) .ci/smoke.py
