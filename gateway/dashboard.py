@@ -14,7 +14,7 @@ from django.utils.translation import gettext_lazy as _
 
 from channels.models import Channel
 from gateway.models import ApiToken, Budgeted, FailedAuthentication, TokenGroup, UsageLog, from_micros
-from gateway.rollup import HOUR, Totals, by_dimension, by_hour, usage_rollup
+from gateway.rollup import HOUR, Totals, by_dimension, by_hour, raw_rows, unindexed, usage_rollup
 from gateway.state import CircuitView, shared_state
 
 # A view: how far back it looks, and the width of one point of its charts.
@@ -106,8 +106,8 @@ class Failing:
 
 def recent_errors(now: datetime) -> dict[int | None, int]:
     """Errors of the last hour by the channel that answered last (``None``: refused before any channel)."""
-    return dict(UsageLog.objects.filter(created_at__gte=now - RECENT, status=UsageLog.Status.ERROR)
-                .order_by().values_list("channel").annotate(n=Count("id")))
+    return dict(raw_rows(now - RECENT).alias(state=unindexed("status")).filter(state=UsageLog.Status.ERROR)
+                .values_list(unindexed("channel_id")).annotate(n=Count("id")))
 
 
 def failing_channels(now: datetime, errors: dict[int | None, int]) -> list[Failing]:

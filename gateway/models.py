@@ -449,15 +449,14 @@ class FailedAuthentication(models.Model):
 
 
 class UsageHour(models.Model):
-    """Usage rows added up by the hour they started in (UTC) and by model, channel, token and group, for the
-    dashboard: a month of traffic is read from a few thousand of these instead of every row (gateway/rollup.py).
-    Ids, not foreign keys: a total outlives the channel or group it names."""
+    """Usage rows added up by the hour they started in (UTC), for the dashboard (gateway/rollup.py): each hour once in
+    all (``dimension`` "all") and once by each model, channel, token and group (``key``: the model's name or the
+    id), so a month's breakdown reads as many rows as there are hours times keys, however the keys combine. Ids, not
+    foreign keys: a total outlives the channel or group it names."""
 
     hour = models.BigIntegerField(help_text="Start of the hour, in Unix seconds.")
-    model = models.CharField(max_length=100, blank=True)
-    channel_id = models.BigIntegerField(null=True)
-    token_id = models.BigIntegerField(null=True)
-    group_id = models.BigIntegerField(null=True)
+    dimension = models.CharField(max_length=10)
+    key = models.CharField(max_length=100, blank=True, help_text="Empty: no channel, token or group.")
     requests = models.PositiveIntegerField(default=0)
     errors = models.PositiveIntegerField(default=0)
     pending = models.PositiveIntegerField(default=0)
@@ -465,7 +464,7 @@ class UsageHour(models.Model):
     cost_micros = models.BigIntegerField(default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["hour"], name="usagehour_hour")]
+        indexes = [models.Index(fields=["dimension", "hour"], name="usagehour_dimension_hour")]
 
 
 class RolledHour(models.Model):

@@ -8,6 +8,7 @@ right without a sweeper too. Only the last ``KEEP_DAYS`` are added up: the dashb
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models import Count, F, Func, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncHour
 
 from gateway.models import RolledHour, UsageHour, UsageLog
@@ -23,11 +24,13 @@ from gateway.models import RolledHour, UsageHour, UsageLog
 HOUR = 3600
 SETTLE = 300
 KEEP_DAYS = 35
-# At most this many hours are added up in one transaction, so a first backfill never holds the writer long.
-CHUNK_HOURS = 48
+# At most this many hours are added up in one transaction, so a first backfill never holds the writer long, nor (on
+# SQLite, whose calls do not yield to a gevent worker's other requests) the worker (bench/RESULTS.md).
+CHUNK_HOURS = 6
 _LOCK = zlib.crc32(b"openopen8-usage-rollup")
 
 DIMENSIONS = ("model", "channel_id", "token_id", "group_id")
+ALL = "all"  # the dimension of an hour's totals in all
 
 
 def settled_until(now: datetime) -> int:
@@ -45,6 +48,21 @@ def _raw_measures() -> dict[str, Count | Coalesce]:
 
 def _hour_measures() -> dict[str, Coalesce]:
     return {name: Coalesce(Sum(name), 0) for name in ("requests", "errors", "pending", "images", "cost_micros")}
+
+
+class Unindexed(Func):
+    """A column as it is, written ``+column`` on SQLite: its planner would otherwise group a time range's rows by
+    walking the grouping column's index over the whole table (9.7 s a view over a year of rows, bench/RESULTS.md)
+    instead of reading the range by the time's index."""
+
+    template = "%(expressions)s"
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="+%(expressions)s", **extra)
+
+
+def unindexed(name: str) -> Unindexed:
+    return Unindexed(F(name))
 
 
 def raw_rows(start: datetime, end: datetime | None = None) -> QuerySet[UsageLog]:
@@ -72,6 +90,7 @@ def usage_rollup(now: datetime) -> int:
     todo = [hour for hour in range(start, end, HOUR) if hour not in final]
     for first, last in _contiguous(todo):
         _roll(first, last)
+        time.sleep(0)  # let the process's other requests (greenlets or threads) run between chunks
     if todo:  # a new hour was added up: the one that left the kept days goes (no write on a turn that adds none)
         UsageHour.objects.filter(hour__lt=start).delete()
         RolledHour.objects.filter(hour__lt=start).delete()
@@ -88,14 +107,18 @@ def _roll(first: int, last: int) -> None:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK])
         UsageHour.objects.filter(hour__gte=first, hour__lt=last).delete()
         RolledHour.objects.filter(hour__gte=first, hour__lt=last).delete()
-        groups = (raw_rows(begin, end).annotate(at=TruncHour("created_at", tzinfo=UTC))
-                  .values("at", *DIMENSIONS).annotate(**_raw_measures()))
+        hours = raw_rows(begin, end).annotate(at=TruncHour("created_at", tzinfo=UTC))
         pending: dict[int, int] = {}
         totals = []
-        for group in groups:
-            hour = int(group.pop("at").timestamp())
-            pending[hour] = pending.get(hour, 0) + group["pending"]
-            totals.append(UsageHour(hour=hour, **group))
+        for group in hours.values("at").annotate(**_raw_measures()):
+            hour, measures = int(group["at"].timestamp()), _measures(group)
+            pending[hour] = measures["pending"]
+            totals.append(UsageHour(hour=hour, dimension=ALL, **measures))
+        for dimension in DIMENSIONS:
+            for group in hours.values("at", by=unindexed(dimension)).annotate(**_raw_measures()):
+                key = "" if group["by"] is None else str(group["by"])
+                totals.append(UsageHour(hour=int(group["at"].timestamp()), dimension=dimension, key=key,
+                                        **_measures(group)))
         UsageHour.objects.bulk_create(totals, batch_size=500)
         RolledHour.objects.bulk_create([RolledHour(hour=hour, pending=pending.get(hour, 0))
                                         for hour in range(first, last, HOUR)], batch_size=500)
@@ -123,6 +146,10 @@ class Totals:
         return f"{self.error_rate:.1%}"
 
 
+def _measures(row: Any) -> dict[str, int]:
+    return {name: row[name] for name in ("requests", "errors", "pending", "images", "cost_micros")}
+
+
 def _totals(row: Any) -> Totals:
     return Totals(row["requests"], row["errors"], row["pending"], row["images"], row["cost_micros"])
 
@@ -131,9 +158,8 @@ def by_hour(start: datetime, now: datetime) -> dict[int, Totals]:
     """Totals of each hour from ``start`` (an hour's start) to now, by the hour's Unix start."""
     split = max(settled_until(now), int(start.timestamp()))
     hours: dict[int, Totals] = {}
-    rolled = (UsageHour.objects.filter(hour__gte=int(start.timestamp()), hour__lt=split).values("hour")
-              .annotate(**_hour_measures()).order_by())
-    for row in rolled:
+    rolled = UsageHour.objects.filter(dimension=ALL, hour__gte=int(start.timestamp()), hour__lt=split)
+    for row in rolled.values("hour", "requests", "errors", "pending", "images", "cost_micros"):
         hours[row["hour"]] = _totals(row)
     live = (raw_rows(datetime.fromtimestamp(split, UTC)).annotate(at=TruncHour("created_at", tzinfo=UTC))
             .values("at").annotate(**_raw_measures()))
@@ -148,9 +174,12 @@ def by_dimension(dimension: str, start: datetime, now: datetime) -> dict[object,
     assert dimension in DIMENSIONS
     split = max(settled_until(now), int(start.timestamp()))
     totals: dict[object, Totals] = {}
-    rolled = (UsageHour.objects.filter(hour__gte=int(start.timestamp()), hour__lt=split)
-              .values(key=F(dimension)).annotate(**_hour_measures()).order_by())
-    live = raw_rows(datetime.fromtimestamp(split, UTC)).values(key=F(dimension)).annotate(**_raw_measures())
-    for row in [*rolled, *live]:
+    rolled = (UsageHour.objects.filter(dimension=dimension, hour__gte=int(start.timestamp()), hour__lt=split)
+              .values("key").annotate(**_hour_measures()).order_by())
+    for row in rolled:
+        key: object = row["key"] if dimension == "model" else int(row["key"]) if row["key"] else None
+        totals[key] = totals.get(key, Totals()) + _totals(row)
+    live = raw_rows(datetime.fromtimestamp(split, UTC)).values(key=unindexed(dimension)).annotate(**_raw_measures())
+    for row in live:
         totals[row["key"]] = totals.get(row["key"], Totals()) + _totals(row)
     return totals

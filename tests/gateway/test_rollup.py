@@ -24,8 +24,10 @@ class RollupTests(TestCase):
         fields.setdefault("status", UsageLog.Status.SUCCESS)
         fields.setdefault("images_returned", 1)
         fields.setdefault("cost_micros", 40_000)
-        return make_usage_log(created_at=at(hours_ago), model="gpt-image-2", channel=self.channel, token=self.token,
-                              **fields)
+        fields.setdefault("model", "gpt-image-2")
+        fields.setdefault("channel", self.channel)
+        fields.setdefault("token", self.token)
+        return make_usage_log(created_at=at(hours_ago), **fields)
 
     def test_totals_of_rolled_hours_and_of_the_live_hour_add_up_to_the_rows(self) -> None:
         for hours_ago in (0.1, 0.2, 3, 3.5, 30):
@@ -44,7 +46,8 @@ class RollupTests(TestCase):
         usage_rollup(NOW)
         usage_rollup(NOW)
         usage_rollup(NOW + timedelta(minutes=20))
-        self.assertEqual(sum(UsageHour.objects.values_list("requests", flat=True)), 1)
+        for dimension in ("all", "model", "channel_id", "token_id", "group_id"):  # once in each
+            self.assertEqual(sum(UsageHour.objects.filter(dimension=dimension).values_list("requests", flat=True)), 1)
         self.assertEqual(sum(by_hour(at(24), NOW + timedelta(minutes=20)).values(), Totals()).requests, 1)
 
     def test_an_hour_with_pending_rows_is_added_up_again_once_they_end(self) -> None:
@@ -65,7 +68,7 @@ class RollupTests(TestCase):
         usage_rollup(datetime.fromtimestamp(last_hour_end + SETTLE - 1, UTC))
         self.assertFalse(RolledHour.objects.filter(hour=last_hour_end - HOUR).exists())
         usage_rollup(datetime.fromtimestamp(last_hour_end + SETTLE, UTC))
-        self.assertEqual(UsageHour.objects.get(hour=last_hour_end - HOUR).requests, 1)
+        self.assertEqual(UsageHour.objects.get(hour=last_hour_end - HOUR, dimension="all").requests, 1)
 
     def test_a_deleted_channel_keeps_its_totals(self) -> None:
         self.row(3)
@@ -74,3 +77,24 @@ class RollupTests(TestCase):
         self.channel.delete()
         totals = by_dimension("channel_id", datetime(2026, 11, 19, tzinfo=UTC), NOW)
         self.assertEqual(totals[channel_id].requests, 1)
+
+    def test_each_breakdown_adds_up_to_the_whole_and_keeps_rows_of_no_group_apart(self) -> None:
+        from gateway.models import TokenGroup
+
+        group = TokenGroup.objects.create(name="agency")
+        for hours_ago in (0.2, 3, 7):
+            self.row(hours_ago)
+            self.row(hours_ago, model="seedream-4.0", group=group, cost_micros=30_000)
+        self.row(5, channel=None, token=None, status=UsageLog.Status.ERROR, images_returned=0, cost_micros=0)
+        usage_rollup(NOW)
+        start = datetime(2026, 11, 19, tzinfo=UTC)
+        whole = sum(by_hour(start, NOW).values(), Totals())
+        self.assertEqual((whole.requests, whole.cost_micros), (7, 210_000))
+        groups = by_dimension("group_id", start, NOW)
+        self.assertEqual({k: (t.requests, t.cost_micros) for k, t in groups.items()},
+                         {group.pk: (3, 90_000), None: (4, 120_000)})
+        self.assertEqual(set(by_dimension("model", start, NOW)), {"gpt-image-2", "seedream-4.0"})
+        channels = by_dimension("channel_id", start, NOW)
+        self.assertEqual((channels[self.channel.pk].requests, channels[None].errors), (6, 1))
+        for dimension in ("model", "channel_id", "token_id", "group_id"):
+            self.assertEqual(sum(by_dimension(dimension, start, NOW).values(), Totals()), whole, dimension)
