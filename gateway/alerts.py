@@ -100,8 +100,9 @@ def _budget_alert(row: Budgeted, percent: int, *, refused: bool = False) -> Aler
     assert row.budget_micros is not None
     period, spent = row.current_period(), row.spent_this_period()
     base = f"budget.threshold:{row._meta.model_name}:{row.pk}:{period}:{row.budget_micros}"
-    if percent < THRESHOLDS[0] and Alert.objects.filter(key=f"{base}:{THRESHOLDS[0]}").exists():
-        return None  # past the higher threshold already
+    # Told already, or past a higher threshold already: looked up first, so a sweep inserts nothing to be refused.
+    if Alert.objects.filter(key__in=[f"{base}:{p}" for p in THRESHOLDS if p >= percent]).exists():
+        return None
     whose, data = _whose(row)
     spent_usd, budget_usd = from_micros(spent), from_micros(row.budget_micros)
     renews = "" if not period else f" It renews {row.get_budget_period_display()}."
