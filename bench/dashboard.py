@@ -83,6 +83,20 @@ def child() -> None:
         result[f"{name}_p50_ms"] = statistics.median(times)
         result[f"{name}_max_ms"] = max(times)
     result["export_ms"] = view("/admin/dashboard/?range=month&export=token")
+    # The usage list's CSV export of every row, read as a browser downloads it: its time and what it adds to the
+    # process's memory at most while it streams.
+    before = _rss_mb()
+    began, peak, lines, size = time.monotonic(), before, 0, 0
+    response = client.get("/admin/gateway/usagelog/export/")
+    for part in response.streaming_content:  # type: ignore[attr-defined]
+        lines += 1
+        size += len(part)
+        if lines % 50_000 == 0:
+            peak = max(peak, _rss_mb())
+    result["usage_export_s"] = time.monotonic() - began
+    result["usage_export_rows"] = lines - 1
+    result["usage_export_mb"] = size / 1e6
+    result["usage_export_rss_mb"] = max(peak, _rss_mb()) - before
     # A sweeper's turn once the newest hour has settled: one hour to add up (the marks of the newest one undone).
     from gateway.models import RolledHour
 
@@ -97,6 +111,13 @@ def child() -> None:
     usage_rollup(timezone.now())
     result["idle_sweep_ms"] = (time.monotonic() - began) * 1000
     print("RESULT " + json.dumps(result))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _fill(model: type, now: datetime) -> int:
@@ -191,6 +212,9 @@ def main() -> None:
                        ("day_p50_ms", "last 24 hours, p50 (ms)"), ("week_p50_ms", "last 7 days, p50 (ms)"),
                        ("month_p50_ms", "last 30 days, p50 (ms)"), ("month_max_ms", "last 30 days, slowest (ms)"),
                        ("export_ms", "CSV export by token, 30 days (ms)"),
+                       ("usage_export_rows", "usage list's CSV export: rows"),
+                       ("usage_export_mb", "its size (MB)"), ("usage_export_s", "its time (s)"),
+                       ("usage_export_rss_mb", "memory it added at most (MB of RSS)"),
                        ("sweep_turn_ms", "sweeper's turn adding up one hour (ms)"),
                        ("idle_sweep_ms", "sweeper's turn with nothing to add (ms)")):
         cells = [f"{r[key]:,.1f}" if isinstance(r[key], float) else f"{r[key]:,}" for r in results]
