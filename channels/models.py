@@ -10,6 +10,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from channels.adapters import ADAPTERS, get_adapter
@@ -140,29 +141,30 @@ class Channel(models.Model):
     def clean(self) -> None:
         errors: dict[str, Any] = {}
         if self.kind not in ADAPTERS:
-            errors["kind"] = f"Choose a channel type: {', '.join(ADAPTERS)}."
+            errors["kind"] = gettext("Choose a channel type: %(types)s.") % {"types": ", ".join(ADAPTERS)}
         else:
             adapter = get_adapter(self.kind)
             if self.config is not None and not isinstance(self.config, dict):
-                errors["config"] = ("The config must be a JSON object of settings, such as {\"steps\": 30}; "
-                                    f"{json.dumps(self.config)[:60]} is not one.")
+                errors["config"] = gettext("The config must be a JSON object of settings, such as {\"steps\": 30}; "
+                                           "%(config)s is not one.") % {"config": json.dumps(self.config)[:60]}
             else:
                 try:
                     adapter.parse_config(self.config or {})
                 except (ValueError, TypeError) as e:
                     errors["config"] = str(e)
             if adapter.needs_base_url and not self.base_url.startswith(("http://", "https://")):
-                errors["base_url"] = "Enter the provider's http(s) URL."
+                errors["base_url"] = gettext("Enter the provider's http(s) URL.")
             declared = split_names(self.endpoints)
             unknown = [e for e in declared if e not in adapter.endpoints]
             if unknown or not declared:
-                errors["endpoints"] = (f"Choose among {', '.join(sorted(adapter.endpoints))}"
-                                       + (f"; this type cannot serve {', '.join(unknown)}." if unknown else "."))
+                choices = {"endpoints": ", ".join(sorted(adapter.endpoints)), "unknown": ", ".join(unknown)}
+                errors["endpoints"] = (gettext("Choose among %(endpoints)s; this type cannot serve %(unknown)s.")
+                                       if unknown else gettext("Choose among %(endpoints)s.")) % choices
         if not isinstance(self.model_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.model_map.items()):
-            errors["model_map"] = 'Enter an object of model names, e.g. {"dall-e-3": "provider-model"}.'
+            errors["model_map"] = gettext('Enter an object of model names, e.g. {"dall-e-3": "provider-model"}.')
         if not self.model_names() and not self.model_map:
-            errors["served_models"] = "Name at least one model this channel serves."
+            errors["served_models"] = gettext("Name at least one model this channel serves.")
         if errors:
             raise ValidationError(errors)
 

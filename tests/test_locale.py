@@ -116,3 +116,11 @@ class ChineseConsoleTests(TestCase):
                                                            "effective_from_1": "00:00:00"}, headers=ZH)
         page = r.content.decode()
         self.assertIn("价格不能小于零。", page)
+
+    def test_a_channel_config_mistake_is_explained_in_chinese(self) -> None:
+        r = self.client.post("/admin/channels/channel/add/", {
+            "name": "x", "kind": "openai", "served_models": "", "model_map": "{}", "endpoints": ["generations"],
+            "priority": "0", "weight": "1", "end_user": "client", "config": "[1, 2]"}, headers=ZH)
+        page = r.content.decode()
+        self.assertIn("配置必须是一个由设置项组成的 JSON 对象", page)
+        self.assertIn("请至少填写一个此渠道提供的模型。", page)
