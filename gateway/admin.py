@@ -331,9 +331,9 @@ class UsageLogAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("cost (USD)"))
     def cost_usd(self, log: UsageLog) -> str:
-        overrun = gettext(" (%(usd).4f over the hold)") % {"usd": from_micros(log.overrun_micros)} \
-            if log.overrun_micros else ""
-        return f"{log.cost:.4f}{overrun}"
+        if not log.overrun_micros:
+            return f"{log.cost:.4f}"
+        return f"{log.cost:.4f}" + gettext(" (%(usd).4f over the hold)") % {"usd": from_micros(log.overrun_micros)}
 
     @admin.display(description=_("held (USD)"))
     def hold_usd(self, log: UsageLog) -> str:
@@ -420,23 +420,27 @@ class ImageJobAdmin(admin.ModelAdmin):
         return False
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the gateway writes: an operator reads them, never adds or edits one."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(FailedAuthentication)
-class FailedAuthenticationAdmin(admin.ModelAdmin):
+class FailedAuthenticationAdmin(ReadOnlyAdmin):
     """Requests refused for their key, by how the key begins: a client with a stale key, or someone guessing."""
 
     list_display = ["key_start", "reason", "count", "token", "first_at", "last_at"]
     list_filter = ["reason", ("last_at", admin.DateFieldListFilter)]
     search_fields = ["key_start"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: FailedAuthentication | None = None) -> bool:
-        return False
-
 
 @admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
+class AlertAdmin(ReadOnlyAdmin):
     """What the operator was told (gateway/alerts.py), and whether the webhook and the mailbox got it."""
 
     list_display = ["created_at", "kind", "subject", "delivered_at", "emailed_at", "last_error"]
@@ -444,9 +448,3 @@ class AlertAdmin(admin.ModelAdmin):
     search_fields = ["subject", "text"]
     readonly_fields = ["kind", "created_at", "subject", "text", "data", "attempts", "webhook_status", "delivered_at",
                        "emailed_at", "last_error"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Alert | None = None) -> bool:
-        return False

@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = (100, 80)  # percent of a budget, highest first: a budget that jumps past both is told once
 
 
+def _mail_configured() -> bool:
+    return bool(settings.OPENOPEN8_ALERT_EMAIL and settings.EMAIL_HOST)
+
+
 def alerts_configured() -> bool:
-    return bool(settings.OPENOPEN8_ALERT_WEBHOOK_URL or (settings.OPENOPEN8_ALERT_EMAIL and settings.EMAIL_HOST))
+    return bool(settings.OPENOPEN8_ALERT_WEBHOOK_URL) or _mail_configured()
 
 
 def alert_raise(key: str, kind: str, subject: str, text: str, data: dict[str, Any]) -> Alert | None:
@@ -167,7 +171,7 @@ def alert_deliver(alert_id: int, attempt: int) -> float | None:
                 errors.append(f"webhook answered HTTP {status}")
         except GatewayError as failure:
             errors.append(f"webhook: {failure.message}")
-    if settings.OPENOPEN8_ALERT_EMAIL and settings.EMAIL_HOST and alert.emailed_at is None:
+    if _mail_configured() and alert.emailed_at is None:
         try:
             send_mail(f"[OpenOpen8] {alert.subject}", alert.text, None, settings.OPENOPEN8_ALERT_EMAIL)
             alert.emailed_at = timezone.now()

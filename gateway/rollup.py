@@ -30,6 +30,7 @@ CHUNK_HOURS = 6
 _LOCK = zlib.crc32(b"openopen8-usage-rollup")
 
 DIMENSIONS = ("model", "channel_id", "token_id", "group_id")
+MEASURES = ("requests", "errors", "pending", "images", "cost_micros")
 ALL = "all"  # the dimension of an hour's totals in all
 
 
@@ -47,13 +48,13 @@ def _raw_measures() -> dict[str, Count | Coalesce]:
 
 
 def _hour_measures() -> dict[str, Coalesce]:
-    return {name: Coalesce(Sum(name), 0) for name in ("requests", "errors", "pending", "images", "cost_micros")}
+    return {name: Coalesce(Sum(name), 0) for name in MEASURES}
 
 
 class Unindexed(Func):
     """A column as it is, written ``+column`` on SQLite: its planner would otherwise group a time range's rows by
-    walking the grouping column's index over the whole table (9.7 s a view over a year of rows, bench/RESULTS.md)
-    instead of reading the range by the time's index."""
+    walking the grouping column's index over the whole table instead of reading the range by the time's index
+    (bench/RESULTS.md)."""
 
     template = "%(expressions)s"
 
@@ -147,11 +148,11 @@ class Totals:
 
 
 def _measures(row: Any) -> dict[str, int]:
-    return {name: row[name] for name in ("requests", "errors", "pending", "images", "cost_micros")}
+    return {name: row[name] for name in MEASURES}
 
 
 def _totals(row: Any) -> Totals:
-    return Totals(row["requests"], row["errors"], row["pending"], row["images"], row["cost_micros"])
+    return Totals(**_measures(row))
 
 
 def by_hour(start: datetime, now: datetime) -> dict[int, Totals]:
@@ -159,7 +160,7 @@ def by_hour(start: datetime, now: datetime) -> dict[int, Totals]:
     split = max(settled_until(now), int(start.timestamp()))
     hours: dict[int, Totals] = {}
     rolled = UsageHour.objects.filter(dimension=ALL, hour__gte=int(start.timestamp()), hour__lt=split)
-    for row in rolled.values("hour", "requests", "errors", "pending", "images", "cost_micros"):
+    for row in rolled.values("hour", *MEASURES):
         hours[row["hour"]] = _totals(row)
     live = (raw_rows(datetime.fromtimestamp(split, UTC)).annotate(at=TruncHour("created_at", tzinfo=UTC))
             .values("at").annotate(**_raw_measures()))

@@ -1,5 +1,5 @@
 """The tasks of Django's tasks framework (django-tasks, kept in the database by django-tasks-db) that the gateway
-enqueues: an image job's run, and a finished job's webhook delivery."""
+enqueues: an image job's run, a finished job's webhook delivery, and an operator alert's delivery."""
 
 from __future__ import annotations
 

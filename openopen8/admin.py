@@ -8,8 +8,8 @@ from django.contrib import admin
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
 
 class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -30,8 +30,7 @@ class EnableDisableAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 row.save(update_fields=list(changes))  # each save tells every process (gateway/cache.py)
         meta = queryset.model._meta
         noun = meta.verbose_name if len(rows) == 1 else meta.verbose_name_plural
-        done = ngettext("%(count)d %(noun)s enabled.", "%(count)d %(noun)s enabled.", len(rows)) if enabled else \
-            ngettext("%(count)d %(noun)s disabled.", "%(count)d %(noun)s disabled.", len(rows))
+        done = gettext("%(count)d %(noun)s enabled.") if enabled else gettext("%(count)d %(noun)s disabled.")
         self.message_user(request, done % {"count": len(rows), "noun": noun})
 
     @admin.action(description=_("Enable selected %(verbose_name_plural)s"))
